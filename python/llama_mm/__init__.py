@@ -1,0 +1,1 @@
+"""llama_mm: a native runtime for Llama 3.2 Vision (Mllama) checkpoints."""
