@@ -1,0 +1,146 @@
+"""The whole Mllama model (vision -> projector -> text) as a plain PyTorch module, and `load_model`.
+
+This is the reference path: exact against transformers' `MllamaForConditionalGeneration`, differentiable (LoRA
+training uses it), and the owner of the weight tensors the native engine reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MllamaConfig
+from .text import CrossAttentionLayer, LanguageModel
+from .vision import VisionModel
+from .weights import assign_weights, load_checkpoint
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab_size]
+
+
+def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, dtype, device, past: int = 0) -> torch.Tensor:
+    """Additive mask [B, 1, T, past + T]: query i (at position past + i) sees keys j <= past + i whose
+    attention_mask [B, past + T] is 1."""
+    S = past + T
+    q = torch.arange(past, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    allowed = (k <= q)[None]  # (1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :S].bool()  # (B, T, S)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min).expand(B, T, S)[:, None]
+
+
+def cross_attention_masks(cross_attention_mask: torch.Tensor, num_patches: int, dtype):
+    """cross_attention_mask [B, T, N, tiles] (1 = this text row sees this image tile) ->
+    (additive mask [B, 1, T, N * tiles * num_patches], row_mask [B, T, 1]).
+
+    As in transformers: a text row that sees no tile at all gets an all-zero additive row (it attends uniformly
+    to every vision token), and its row_mask is 0 so the cross layer's MLP output is dropped there.
+    """
+    B, T = cross_attention_mask.shape[:2]
+    seen = cross_attention_mask.repeat_interleave(num_patches, dim=3).reshape(B, T, -1).to(dtype)  # (B, T, S)
+    additive = (1.0 - seen).masked_fill((1.0 - seen).bool(), torch.finfo(dtype).min)
+    row_mask = (additive != torch.finfo(dtype).min).any(dim=-1, keepdim=True).to(dtype)  # (B, T, 1)
+    return (additive * row_mask)[:, None], row_mask
+
+
+class MllamaModel(nn.Module):
+    """Parameter names are the checkpoints' own: `vision_model.*`, `multi_modal_projector.*`,
+    `language_model.model.*`, `language_model.lm_head.weight`."""
+
+    def __init__(self, cfg: MllamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionModel(cfg.vision)
+        self.multi_modal_projector = nn.Linear(cfg.vision.vision_output_dim, cfg.text.hidden_size, bias=True)
+        self.language_model = LanguageModel(cfg.text)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    def vision_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
+        """Projected image features [B, N * tiles * num_patches, text hidden]: what cross-attention reads."""
+        features = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, T, P, Dv)
+        B = features.shape[0]
+        return self.multi_modal_projector(features).reshape(B, -1, self.cfg.text.hidden_size)
+
+    def cross_kv(self, vision_states: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer index, its (k, v) [B, Hkv, S, D]: computed once per request."""
+        return {i: layer.cross_attn.project_kv(vision_states)
+                for i, layer in enumerate(self.language_model.model.layers) if isinstance(layer, CrossAttentionLayer)}
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None,
+                aspect_ratio_mask=None, cross_attention_mask=None, position_ids=None) -> ModelOutput:
+        """transformers' argument names and layouts; returns logits [B, T, vocab_size].
+
+        Without `position_ids`, positions are 0..T-1 for every row, as transformers' forward does (generation
+        passes positions that skip left padding)."""
+        B, T = input_ids.shape
+        dtype, device = self.dtype, input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(T, device=device).expand(B, T)
+        self_mask = causal_mask(attention_mask, B, T, dtype, device)
+        cross_kv = cross_mask = row_mask = None
+        if pixel_values is not None:
+            if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
+            cross_kv = self.cross_kv(self.vision_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
+            if cross_attention_mask is not None:
+                cross_mask, row_mask = cross_attention_masks(cross_attention_mask, self.cfg.vision.num_patches, dtype)
+            else:
+                row_mask = torch.ones(B, T, 1, dtype=dtype, device=device)
+        hidden = self.language_model.model(input_ids, position_ids, self_mask, cross_kv, cross_mask, row_mask)
+        return ModelOutput(logits=self.language_model.lm_head(hidden))
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported (use 'cpu' or 'cuda')")
+    return dev
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, default: torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default or torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r} (use one of auto, float32, bfloat16, float16)")
+
+
+def load_model(model_dir: str | Path, device=None, dtype=None) -> MllamaModel:
+    """Load a Hugging Face Mllama checkpoint directory (config.json + safetensors) as an `MllamaModel`.
+
+    dtype: None/"auto" keeps the checkpoint's dtype (config.json's `dtype`/`torch_dtype`, else float32).
+    The model is built on the meta device and its parameters assigned from memory-mapped tensors: no weight is
+    held twice. Parameters are frozen (requires_grad=False); training unfreezes what it trains. Raises `ConfigError` / `CheckpointError` naming the field, file or tensors at fault."""
+    cfg = MllamaConfig.from_pretrained(model_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, cfg.dtype)
+    tensors = load_checkpoint(model_dir)
+    with torch.device("meta"):
+        model = MllamaModel(cfg)
+    assign_weights(model, tensors, dev, dt, source=str(model_dir))
+    model.language_model.model.inv_freq = cfg.text.rope.inv_freq(cfg.text.head_dim).to(dev)
+    return model.requires_grad_(False).eval()
