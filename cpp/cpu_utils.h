@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels: float32 vector I/O for float/bfloat16/half rows, rounding to a dtype,
-// and viewing a tensor as rows.
+// parallel grain.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -85,12 +85,6 @@ inline float hsum(const fVec& v) {
   float s = 0.0f;
   for (int64_t i = 0; i < fVec::size(); ++i) s += a[i];
   return s;
-}
-
-// t [..., D] as [N, D] with unit stride along D: a view when the leading dims allow it, else a contiguous copy.
-inline at::Tensor as_rows(const at::Tensor& t) {
-  at::Tensor r = t.reshape({-1, t.size(-1)});
-  return (r.size(1) <= 1 || r.stride(1) == 1) ? r : r.contiguous();
 }
 
 // Rows per at::parallel_for task so that one task touches about at::internal::GRAIN_SIZE elements.

@@ -1,6 +1,6 @@
 // CPU kernels of the llama_mm ops, callable directly from C++ (the decode engine, the microbenchmarks) without
 // going through the dispatcher. The same functions are registered as the CPU implementations of
-// torch.ops.llama_mm.* (op_library.cpp). Every function checks its arguments (op_checks.h) and accepts
+// torch.ops.llama_mm.* (op_library.cpp). Every function checks its arguments (op_common.h) and accepts
 // float32, bfloat16 and float16; reduced-precision inputs are computed in float32 and rounded to the input dtype
 // exactly where the Hugging Face reference rounds.
 #pragma once

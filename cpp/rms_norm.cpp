@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "cpu_utils.h"
-#include "op_checks.h"
+#include "op_common.h"
 #include "ops.h"
 
 namespace llama_mm::cpu {

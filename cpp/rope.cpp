@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
-#include "op_checks.h"
+#include "op_common.h"
 #include "ops.h"
 
 namespace llama_mm::cpu {

@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_utils.h"
-#include "op_checks.h"
+#include "op_common.h"
 #include "ops.h"
 
 namespace llama_mm::cpu {

@@ -1,9 +1,9 @@
-// Argument checks and the dtype dispatch shared by the CPU (cpp/) and CUDA (cuda/) implementations of the
-// llama_mm ops. Every message starts with the op name and names the offending argument.
+// What the CPU (cpp/) and CUDA (cuda/) implementations of the llama_mm ops share: argument checks (every message
+// starts with the op name and names the offending argument), the dtype dispatch, and the row view of inputs.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 // Run the lambda body with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes every op accepts).
 #define LLAMA_MM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                    \
@@ -72,6 +72,12 @@ inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, c1
               "), got ", up.sizes());
   check_same_dtype(up, gate, "silu_mul", "up", "gate");
   check_device(up, gate, type, "silu_mul", "up", "gate");
+}
+
+// t [..., D] as [N, D] with unit stride along D: a view when the leading dims allow it, else a contiguous copy.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  at::Tensor r = t.reshape({-1, t.size(-1)});
+  return (r.size(1) <= 1 || r.stride(1) == 1) ? r : r.contiguous();
 }
 
 // `out` of an *_out variant: contiguous, with the shape, dtype and device of `like`.
