@@ -1,0 +1,132 @@
+"""PIL's resize, byte for byte, computed in strips on several threads.
+
+Why this exists: transformers resizes with `PIL.Image.resize` (one thread), and that call is most of the time it
+takes to preprocess a photo; matching its pixels exactly rules out any other resampler. PIL releases the GIL while
+it resamples, so the work can be split across threads, provided every output byte is computed exactly as a single
+call would compute it.
+
+How a single call works (Pillow's `ImagingResampleInner`, filters other than NEAREST): two separable passes, each
+with its coefficients fixed by (input size, output size) along its own axis:
+  1. horizontal pass: each output column mixes a few input columns; rows are independent of each other;
+  2. vertical pass: each output row mixes a few input rows; columns are independent of each other.
+The intermediate image is rounded to uint8. Pillow >= 13 runs the vertical pass first when the height shrinks by
+more than twice as many pixels as the width does; earlier versions always run the horizontal pass first.
+
+So the split is: the horizontal pass over bands of rows, the vertical pass over bands of columns, each band a
+single-axis `resize` of a crop with the same full-axis sizes, hence the same coefficients. Which pass runs first is
+learnt once from the installed Pillow (`_pass_order`); with an unknown order, or NEAREST, one plain call is made.
+"""
+
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL.Image
+import torch
+
+# A consumer receives an HWC uint8 band of the resized image and the (row, column) of its top-left pixel.
+Consumer = Callable[[np.ndarray, int, int], None]
+
+_MIN_BAND = 64  # smallest band (rows or columns) worth a thread
+_MIN_PARALLEL_PIXELS = 1 << 18  # below this many output pixels, one call is faster than the thread hand-off
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="llama_mm_resize")
+
+
+@functools.cache
+def _pass_order() -> str | None:
+    """How the installed Pillow orders its two passes: "shrink-aware" (Pillow >= 13), "horizontal-first", or None
+    when neither reproduces it (then resizes are not split)."""
+    rng = np.random.default_rng(0)
+    probe = PIL.Image.fromarray(rng.integers(0, 256, (256, 64, 3), dtype=np.uint8))  # W=64, H=256: tall
+    size = (60, 64)  # the height shrinks by 192 > 2 * 4 pixels: Pillow >= 13 runs the vertical pass first
+    bilinear = PIL.Image.Resampling.BILINEAR
+    full = np.asarray(probe.resize(size, bilinear))
+    horizontal_first = np.asarray(probe.resize((60, 256), bilinear).resize(size, bilinear))
+    vertical_first = np.asarray(probe.resize((64, 64), bilinear).resize(size, bilinear))
+    if np.array_equal(horizontal_first, vertical_first):
+        return None  # the probe cannot tell (does not happen with random pixels)
+    if np.array_equal(full, vertical_first):
+        return "shrink-aware"
+    if np.array_equal(full, horizontal_first):
+        return "horizontal-first"
+    return None
+
+
+def _horizontal_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    if _pass_order() == "horizontal-first":
+        return True
+    return not (in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2)  # Pillow 13's ImagingResampleInner
+
+
+def _bands(length: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * length / parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _horizontal(image: PIL.Image.Image, out_w: int, rows: tuple[int, int], resample: int) -> np.ndarray:
+    """Horizontal pass over input rows [r0, r1): (r1 - r0, out_w, 3)."""
+    r0, r1 = rows
+    return np.asarray(image.crop((0, r0, image.width, r1)).resize((out_w, r1 - r0), resample))
+
+
+def _vertical(image: PIL.Image.Image, out_h: int, cols: tuple[int, int], resample: int) -> np.ndarray:
+    """Vertical pass over input columns [c0, c1): (out_h, c1 - c0, 3)."""
+    c0, c1 = cols
+    return np.asarray(image.crop((c0, 0, c1, image.height)).resize((c1 - c0, out_h), resample))
+
+
+def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume: Consumer) -> None:
+    """Resize RGB `image` to `size` = (width, height) with PIL filter `resample` and pass the result to `consume` in
+    disjoint bands, possibly from several threads at once. The bands tile the output exactly and hold the same bytes
+    as `np.asarray(image.resize(size, resample))`."""
+    in_w, in_h = image.size
+    out_w, out_h = size
+    need_h, need_v = out_w != in_w, out_h != in_h
+    threads = torch.get_num_threads()
+    if (
+        threads < 2
+        or resample == PIL.Image.Resampling.NEAREST
+        or not (need_h or need_v)
+        or out_w * out_h < _MIN_PARALLEL_PIXELS
+        or _pass_order() is None
+    ):
+        consume(np.asarray(image.resize(size, resample)), 0, 0)
+        return
+    pool = _pool()
+
+    def rows_split(length):
+        return _bands(length, max(1, min(threads, length // _MIN_BAND)))
+
+    if not need_v:  # horizontal pass only: bands of rows go straight to the consumer
+        bands = rows_split(in_h)
+        list(pool.map(lambda b: consume(_horizontal(image, out_w, b, resample), b[0], 0), bands))
+        return
+    if not need_h:  # vertical pass only: bands of columns
+        bands = rows_split(in_w)
+        list(pool.map(lambda b: consume(_vertical(image, out_h, b, resample), 0, b[0]), bands))
+        return
+
+    if _horizontal_first(in_w, in_h, out_w, out_h):
+        mid = np.empty((in_h, out_w, 3), np.uint8)  # after the horizontal pass
+
+        def first(b):
+            mid[b[0] : b[1]] = _horizontal(image, out_w, b, resample)
+
+        list(pool.map(first, rows_split(in_h)))
+        mid_image = PIL.Image.fromarray(mid)
+        list(pool.map(lambda b: consume(_vertical(mid_image, out_h, b, resample), 0, b[0]), rows_split(out_w)))
+    else:
+        mid = np.empty((out_h, in_w, 3), np.uint8)  # after the vertical pass
+
+        def first(b):
+            mid[:, b[0] : b[1]] = _vertical(image, out_h, b, resample)
+
+        list(pool.map(first, rows_split(in_w)))
+        mid_image = PIL.Image.fromarray(mid)
+        list(pool.map(lambda b: consume(_horizontal(mid_image, out_w, b, resample), b[0], 0), rows_split(out_h)))
