@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer
 
 from . import chat_template
 from .image_loading import ImageLike, is_image_like, load_rgb
@@ -112,8 +112,8 @@ class MllamaProcessor:
         # transformers makes every named and extra special token a special added token (a no-op when it already is)
         to_add = [*named.values(), *extra_list]
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in to_add])
-        if "add_bos_token" in config or "add_eos_token" in config:
-            tokenizer.post_processor = _bos_eos_template(tokenizer, named, config)
+        # tokenizer.json's post-processor decides whether <|begin_of_text|> is prepended; transformers 5.x keeps it
+        # for PreTrainedTokenizerFast checkpoints even when tokenizer_config.json sets add_bos_token/add_eos_token.
 
         return cls(
             tokenizer,
@@ -318,18 +318,6 @@ def _check_padding_side(side: str) -> str:
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     return side
-
-
-def _bos_eos_template(tokenizer: Tokenizer, named: dict[str, str], config: dict) -> processors.TemplateProcessing:
-    """transformers' `TokenizersBackend.update_post_processor`, used when tokenizer_config.json sets add_bos_token
-    or add_eos_token: it replaces tokenizer.json's post-processor."""
-    bos, eos = named.get("bos_token"), named.get("eos_token")
-    add_bos = bool(config.get("add_bos_token", False)) and bos is not None
-    add_eos = bool(config.get("add_eos_token", False)) and eos is not None
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    special = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def _eos_token_ids(directory: Path) -> tuple[int, ...]:
