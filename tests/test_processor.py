@@ -3,7 +3,6 @@
 Tolerance: pixel_values within 1e-5 (float32 rounding of the affine normalisation); every integer tensor identical.
 """
 
-import io
 import json
 import os
 import struct
@@ -18,16 +17,15 @@ import pytest
 import skimage
 import torch
 import transformers
+from llama_mm import image_resize
+from llama_mm.image_processing import fit_to_canvas, optimal_canvas, supported_aspect_ratios
+from llama_mm.processor import MllamaProcessor
 from tokenizer_fixture import LLAMA3_SPECIAL_TOKENS, write_tokenizer_files
 from transformers.models.mllama.image_processing_pil_mllama import (
     MllamaImageProcessorPil,
     get_image_size_fit_to_canvas,
     get_optimal_tiled_canvas,
 )
-
-from llama_mm import image_resize
-from llama_mm.image_processing import fit_to_canvas, optimal_canvas, supported_aspect_ratios
-from llama_mm.processor import MllamaProcessor
 
 VOCAB = 1000
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
@@ -187,7 +185,7 @@ def _modes():
     la.putalpha(alpha)
     p_trns = base.convert("P")
     p_trns.info["transparency"] = 0
-    i16 = PIL.Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 3))  # saturates above 255
+    i16 = PIL.Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 3)  # saturates above 255
     assert i16.mode == "I;16"
     return {
         "L": base.convert("L"),
@@ -444,6 +442,10 @@ def test_image_token_count_mismatch(ours):
         ours(images=[img, img, img], text=["<|image|>a", "<|image|>b"])
     with pytest.raises(ValueError, match=r"\[1\] <\|image\|> tokens and \[0\] images"):
         ours(text="<|image|>no image given")
+    with pytest.raises(ValueError, match="images is empty and no text"):
+        ours(images=[[], []])
+    with pytest.raises(ValueError, match="give text, images or both"):
+        ours()
     with pytest.raises(ValueError, match="2 prompts but images for 1"):
         ours(images=[[img]], text=["<|image|>a", "<|image|>b"])
 

@@ -69,18 +69,6 @@ def _bands(length: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _horizontal(image: PIL.Image.Image, out_w: int, rows: tuple[int, int], resample: int) -> np.ndarray:
-    """Horizontal pass over input rows [r0, r1): (r1 - r0, out_w, 3)."""
-    r0, r1 = rows
-    return np.asarray(image.crop((0, r0, image.width, r1)).resize((out_w, r1 - r0), resample))
-
-
-def _vertical(image: PIL.Image.Image, out_h: int, cols: tuple[int, int], resample: int) -> np.ndarray:
-    """Vertical pass over input columns [c0, c1): (out_h, c1 - c0, 3)."""
-    c0, c1 = cols
-    return np.asarray(image.crop((c0, 0, c1, image.height)).resize((c1 - c0, out_h), resample))
-
-
 def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume: Consumer) -> None:
     """Resize RGB `image` to `size` = (width, height) with PIL filter `resample` and pass the result to `consume` in
     disjoint bands, possibly from several threads at once. The bands tile the output exactly and hold the same bytes
@@ -100,33 +88,36 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
         return
     pool = _pool()
 
-    def rows_split(length):
+    def bands(length):
         return _bands(length, max(1, min(threads, length // _MIN_BAND)))
 
-    if not need_v:  # horizontal pass only: bands of rows go straight to the consumer
-        bands = rows_split(in_h)
-        list(pool.map(lambda b: consume(_horizontal(image, out_w, b, resample), b[0], 0), bands))
-        return
-    if not need_h:  # vertical pass only: bands of columns
-        bands = rows_split(in_w)
-        list(pool.map(lambda b: consume(_vertical(image, out_h, b, resample), 0, b[0]), bands))
-        return
+    def horizontal(src, rows):  # horizontal pass over rows [r0, r1) of src
+        r0, r1 = rows
+        return src.crop((0, r0, src.width, r1)).resize((out_w, r1 - r0), resample)
 
-    if _horizontal_first(in_w, in_h, out_w, out_h):
-        mid = np.empty((in_h, out_w, 3), np.uint8)  # after the horizontal pass
+    def vertical(src, cols):  # vertical pass over columns [c0, c1) of src
+        c0, c1 = cols
+        return src.crop((c0, 0, c1, src.height)).resize((c1 - c0, out_h), resample)
 
-        def first(b):
-            mid[b[0] : b[1]] = _horizontal(image, out_w, b, resample)
+    def last_pass(pass_fn, src, length, by_rows):
+        def one(band):
+            consume(np.asarray(pass_fn(src, band)), *((band[0], 0) if by_rows else (0, band[0])))
 
-        list(pool.map(first, rows_split(in_h)))
-        mid_image = PIL.Image.fromarray(mid)
-        list(pool.map(lambda b: consume(_vertical(mid_image, out_h, b, resample), 0, b[0]), rows_split(out_w)))
+        list(pool.map(one, bands(length)))
+
+    if not need_v:
+        last_pass(horizontal, image, in_h, by_rows=True)
+    elif not need_h:
+        last_pass(vertical, image, in_w, by_rows=False)
+    elif _horizontal_first(in_w, in_h, out_w, out_h):
+        mid = PIL.Image.new("RGB", (out_w, in_h))
+        first = bands(in_h)
+        for (r0, _), part in zip(first, pool.map(lambda rows: horizontal(image, rows), first)):
+            mid.paste(part, (0, r0))
+        last_pass(vertical, mid, out_w, by_rows=False)
     else:
-        mid = np.empty((out_h, in_w, 3), np.uint8)  # after the vertical pass
-
-        def first(b):
-            mid[:, b[0] : b[1]] = _vertical(image, out_h, b, resample)
-
-        list(pool.map(first, rows_split(in_w)))
-        mid_image = PIL.Image.fromarray(mid)
-        list(pool.map(lambda b: consume(_horizontal(mid_image, out_w, b, resample), b[0], 0), rows_split(out_h)))
+        mid = PIL.Image.new("RGB", (in_w, out_h))
+        first = bands(in_w)
+        for (c0, _), part in zip(first, pool.map(lambda cols: vertical(image, cols), first)):
+            mid.paste(part, (c0, 0))
+        last_pass(horizontal, mid, out_h, by_rows=True)

@@ -212,6 +212,8 @@ class MllamaProcessor:
             self._check_image_counts(prompts, nested)
         if nested is not None and not any(nested):
             nested = None  # every prompt has zero images
+        if prompts is None and nested is None:
+            raise ValueError("images is empty and no text was given")
         rgb = None
         if nested is not None:
             rgb = [[load_rgb(im, f"images[{b}][{n}]") for n, im in enumerate(row)] for b, row in enumerate(nested)]
