@@ -379,6 +379,21 @@ def test_chat_template_file_locations(tmp_path, where):
 # ------------------------------------------------------------------------------------ tokenizer variants
 
 
+@pytest.mark.parametrize("vocab_size", [300, 8192])  # 8192 needs filler tokens past the trained merges
+def test_fixture_vocabulary_layout(tmp_path, vocab_size):
+    write_tokenizer_files(tmp_path, vocab_size=vocab_size)
+    ours, hf = MllamaProcessor.from_pretrained(tmp_path), _hf_processor(tmp_path)
+    vocab = ours.tokenizer.get_vocab()
+    assert vocab["<|image|>"] == ours.image_token_id == hf.image_token_id == vocab_size
+    first = vocab_size - len(LLAMA3_SPECIAL_TOKENS)
+    assert [vocab[t] for t in LLAMA3_SPECIAL_TOKENS] == list(range(first, vocab_size))
+    assert len(vocab) == vocab_size + 1
+    texts = ["<|image|>Describe this image in detail.", "Cutting Knowledge Date: December 2023"]
+    images = [[_noise(64, 48)], []]
+    assert_matches(ours(images=images, text=texts), hf_call(hf, images, texts), f"vocab {vocab_size}")
+
+
+
 def test_tokenizer_that_adds_bos_itself(tmp_path):
     write_tokenizer_files(tmp_path, vocab_size=512, bos_in_post_processor=True)
     ours, hf = MllamaProcessor.from_pretrained(tmp_path), _hf_processor(tmp_path)

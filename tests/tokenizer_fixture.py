@@ -4,7 +4,8 @@
 Llama-3.2-11B-Vision-Instruct carries besides its weights and config.json:
 
 - tokenizer.json: a byte-level BPE with Llama 3's pre-tokenizer regex, trained on a fixed corpus (Python's own
-  standard-library sources, so the result depends on nothing downloaded). Ids 0 .. V-12 are BPE tokens; the first
+  standard-library sources, so the result depends on nothing downloaded; past the ~6.5k tokens it yields, the
+  vocabulary is filled with unreachable `<|filler_i|>` entries). Ids 0 .. V-12 are BPE tokens; the first
   eleven Llama 3 special tokens follow in Llama 3's order at V-11 .. V-1 (real checkpoints have 256 special tokens at
   128000 .. 128255; the tail of `<|reserved_special_token_k|>` is left out so that tiny vocabularies keep room for
   merges); `<|image|>` is id V, the text vocabulary size (the model's embedding has V + 8 rows).
@@ -225,8 +226,11 @@ def _tokenizer_json(vocab_size: int, bos_in_post_processor: bool) -> str:
         vocab_size=num_bpe, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    if tokenizer.get_vocab_size() != num_bpe:
-        raise ValueError(f"corpus too small: trained {tokenizer.get_vocab_size()} BPE tokens, wanted {num_bpe}")
+    if tokenizer.get_vocab_size() < num_bpe:  # the corpus yields ~6.5k tokens; fill up with unreachable ones
+        data = json.loads(tokenizer.to_str())
+        vocab = data["model"]["vocab"]
+        vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), num_bpe)})
+        tokenizer = Tokenizer.from_str(json.dumps(data))
     special = [AddedToken(t, special=True, normalized=False) for t in (*LLAMA3_SPECIAL_TOKENS, IMAGE_TOKEN)]
     tokenizer.add_special_tokens(special)
     assert tokenizer.token_to_id(IMAGE_TOKEN) == vocab_size
