@@ -155,9 +155,9 @@ class ImageProcessor:
         mean = np.array(config.image_mean if config.do_normalize else (0.0, 0.0, 0.0))
         std = np.array(config.image_std if config.do_normalize else (1.0, 1.0, 1.0))
         rescale = config.rescale_factor if config.do_rescale else 1.0
-        # Step 4 as one affine map per channel, y = x * scale + bias, fused into a single pass over the pixels.
-        self._scale = torch.tensor(rescale / std, dtype=torch.float32).view(3, 1, 1)
-        self._bias = torch.tensor(-mean / std, dtype=torch.float32).view(3, 1, 1)
+        # Step 4 as one affine map per channel, y = x * scale + bias (float32, as the reference computes it).
+        self._scale = (rescale / std).astype(np.float32).reshape(3, 1, 1)
+        self._bias = (-mean / std).astype(np.float32).reshape(3, 1, 1)
 
     def __call__(self, images: list[list[PIL.Image.Image]]) -> dict[str, torch.Tensor]:
         """`images[b]` are the RGB images of prompt b (possibly none); returns pixel_values, aspect_ratio_ids,
@@ -195,30 +195,29 @@ class ImageProcessor:
         tiles beyond the layout."""
         S = self.config.tile_size
         tiles[layout.num_tiles :].zero_()
+        out = tiles.numpy()  # same memory; numpy ufuncs run outside the GIL on the resize threads
         for i in range(layout.rows):  # padding: the part of each tile the resized image does not reach
             for j in range(layout.cols):
-                tile = tiles[i * layout.cols + j]
-                h, w = min(layout.height - i * S, S), min(layout.width - j * S, S)
-                if h < S:
-                    tile[:, max(h, 0) :].copy_(self._bias.expand(3, S - max(h, 0), S))
-                if w < S and h > 0:
-                    tile[:, :h, max(w, 0) :].copy_(self._bias.expand(3, h, S - max(w, 0)))
+                tile = out[i * layout.cols + j]
+                h, w = max(min(layout.height - i * S, S), 0), max(min(layout.width - j * S, S), 0)
+                tile[:, h:] = self._bias
+                tile[:, :h, w:] = self._bias
 
         def consume(band: np.ndarray, y0: int, x0: int) -> None:
-            band = band if band.flags.writeable else band.copy()  # torch wants writable memory; PIL's is read-only
-            self._write_band(tiles, layout.cols, torch.from_numpy(band), y0, x0)
+            self._write_band(out, layout.cols, band, y0, x0)
 
         image_resize.resize(image, (layout.width, layout.height), self.config.resample, consume)
 
-    def _write_band(self, tiles: torch.Tensor, cols: int, band: torch.Tensor, y0: int, x0: int) -> None:
+    def _write_band(self, tiles: np.ndarray, cols: int, band: np.ndarray, y0: int, x0: int) -> None:
         """Normalise `band` (h, w, 3) uint8, whose top-left pixel is (y0, x0) of the resized image, into the tiles
-        it overlaps."""
+        (max_tiles, 3, S, S) float32 it overlaps."""
         S = self.config.tile_size
         h, w = band.shape[:2]
         for i in range(y0 // S, (y0 + h - 1) // S + 1):
             r0, r1 = max(y0, i * S), min(y0 + h, (i + 1) * S)
             for j in range(x0 // S, (x0 + w - 1) // S + 1):
                 c0, c1 = max(x0, j * S), min(x0 + w, (j + 1) * S)
-                src = band[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0].permute(2, 0, 1)  # (3, rows, cols) uint8
+                src = band[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0].transpose(2, 0, 1)  # (3, rows, cols) uint8
                 dst = tiles[i * cols + j, :, r0 - i * S : r1 - i * S, c0 - j * S : c1 - j * S]
-                torch.addcmul(self._bias, src, self._scale, out=dst)
+                np.multiply(src, self._scale, out=dst)
+                dst += self._bias
