@@ -19,6 +19,7 @@ learnt once from the installed Pillow (`_pass_order`); with an unknown order, or
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,7 +30,7 @@ import torch
 # A consumer receives an HWC uint8 band of the resized image and the (row, column) of its top-left pixel.
 Consumer = Callable[[np.ndarray, int, int], None]
 
-_MIN_BAND = 64  # smallest band (rows or columns) worth a thread
+_BAND = 128  # rows or columns per work item: small enough to share out, large enough to amortise a call
 _MIN_PARALLEL_PIXELS = 1 << 18  # below this many output pixels, one call is faster than the thread hand-off
 
 
@@ -64,7 +65,37 @@ def _horizontal_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
     return not (in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2)  # Pillow 13's ImagingResampleInner
 
 
-def _bands(length: int, parts: int) -> list[tuple[int, int]]:
+def _map(fn, items: list, helpers: int) -> list:
+    """`[fn(x) for x in items]`, the items shared out between this thread and up to `helpers` pool threads. This
+    thread works too and never waits for a helper that has not started (on a busy machine it may do it all)."""
+    results = [None] * len(items)
+    todo = iter(enumerate(items))
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                job = next(todo, None)
+            if job is None:
+                return
+            results[job[0]] = fn(job[1])
+
+    futures = [_pool().submit(work) for _ in range(min(helpers, len(items) - 1))]
+    try:
+        work()
+    finally:
+        with lock:  # after an error here, helpers stop after their current item
+            for _ in todo:
+                pass
+        for future in futures:
+            if not future.cancel():  # started: wait for its last item (and re-raise its error)
+                future.result()
+    return results
+
+
+def _bands(length: int) -> list[tuple[int, int]]:
+    """[start, end) bands of about _BAND rows or columns covering 0 .. length."""
+    parts = max(1, round(length / _BAND))
     edges = [round(i * length / parts) for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -86,10 +117,6 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
     ):
         consume(np.asarray(image.resize(size, resample)), 0, 0)
         return
-    pool = _pool()
-
-    def bands(length):
-        return _bands(length, max(1, min(threads, length // _MIN_BAND)))
 
     def horizontal(src, rows):  # horizontal pass over rows [r0, r1) of src
         r0, r1 = rows
@@ -103,7 +130,7 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
         def one(band):
             consume(np.asarray(pass_fn(src, band)), *((band[0], 0) if by_rows else (0, band[0])))
 
-        list(pool.map(one, bands(length)))
+        _map(one, _bands(length), threads - 1)
 
     if not need_v:
         last_pass(horizontal, image, in_h, by_rows=True)
@@ -111,13 +138,13 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
         last_pass(vertical, image, in_w, by_rows=False)
     elif _horizontal_first(in_w, in_h, out_w, out_h):
         mid = PIL.Image.new("RGB", (out_w, in_h))
-        first = bands(in_h)
-        for (r0, _), part in zip(first, pool.map(lambda rows: horizontal(image, rows), first)):
+        first = _bands(in_h)
+        for (r0, _), part in zip(first, _map(lambda rows: horizontal(image, rows), first, threads - 1)):
             mid.paste(part, (0, r0))
         last_pass(vertical, mid, out_w, by_rows=False)
     else:
         mid = PIL.Image.new("RGB", (in_w, out_h))
-        first = bands(in_w)
-        for (c0, _), part in zip(first, pool.map(lambda cols: vertical(image, cols), first)):
+        first = _bands(in_w)
+        for (c0, _), part in zip(first, _map(lambda cols: vertical(image, cols), first, threads - 1)):
             mid.paste(part, (c0, 0))
         last_pass(horizontal, mid, out_h, by_rows=True)
