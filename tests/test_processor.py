@@ -549,6 +549,18 @@ def test_threaded_resize_is_byte_identical_to_pil(monkeypatch):
         assert np.array_equal(got, want), f"threaded resize differs for {(w, h)} -> {(ow, oh)}"
 
 
+def test_work_sharing_map_keeps_order_and_raises():
+    assert image_resize._map(lambda x: x * x, list(range(50)), helpers=3) == [x * x for x in range(50)]
+
+    def fail_on_7(x):
+        if x == 7:
+            raise RuntimeError("item 7")
+        return x
+
+    with pytest.raises(RuntimeError, match="item 7"):
+        image_resize._map(fail_on_7, list(range(50)), helpers=3)
+
+
 def test_runtime_does_not_import_transformers(checkpoint):
     code = (
         "import sys, numpy as np; from llama_mm.processor import MllamaProcessor; "
