@@ -60,14 +60,15 @@ def hf_call(hf, images=None, text=None, padding_side="left"):
     return hf(images=images, text=text, padding=True, padding_side=padding_side, return_tensors="pt")
 
 
-def assert_matches(got: dict, want, label=""):
-    """Every key transformers returns is identical (pixel_values within PIXEL_TOL); num_tiles agrees with it."""
+def assert_matches(got: dict, want, label="", pixel_unit=1.0):
+    """Every key transformers returns is identical (pixel_values within PIXEL_TOL, measured in units of
+    `pixel_unit`); num_tiles agrees with it."""
     for key in want:
         assert key in got, f"{label}: missing {key}"
         a, b = got[key], want[key]
         assert a.shape == b.shape, f"{label}: {key} shape {tuple(a.shape)} != {tuple(b.shape)}"
         if key == "pixel_values":
-            diff = (a - b).abs().max().item()
+            diff = (a - b).abs().max().item() / pixel_unit
             print(f"{label}: pixel_values max |diff| = {diff:.3g}")
             assert diff <= PIXEL_TOL, f"{label}: pixel_values differ by {diff}"
         else:
@@ -503,6 +504,27 @@ def test_bad_images_raise_value_error(ours, tmp_path):
         assert all(torch.equal(again[k], reference[k]) for k in reference)
     with pytest.raises(ValueError, match=r"images\[1\]\[0\] is not an image \(got int\)"):
         ours(images=[[good], [7]], text=["<|image|>ok", "<|image|>bad"])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_image_tiles": 6},
+        {"size": {"height": 448, "width": 448}, "max_image_tiles": 2},
+        {"do_normalize": False},
+        {"do_rescale": False},
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4], "resample": 3},
+    ],
+)
+def test_preprocessor_config_variants(tmp_path, change):
+    write_tokenizer_files(tmp_path, vocab_size=512)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, **change}))
+    ours, hf = MllamaProcessor.from_pretrained(tmp_path), _hf_processor(tmp_path)
+    images = [[_noise(1500, 400), _noise(300, 700, 1)]]
+    text = "<|image|>a<|image|>b"
+    unit = 1.0 if change.get("do_rescale", True) else 255.0  # unrescaled pixels: compare in units of 1/255
+    assert_matches(ours(images=images, text=text), hf_call(hf, images, text), f"config {change}", unit)
 
 
 def test_bad_checkpoint_files(tmp_path):
