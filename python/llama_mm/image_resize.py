@@ -30,7 +30,9 @@ import torch
 # A consumer receives an HWC uint8 band of the resized image and the (row, column) of its top-left pixel.
 Consumer = Callable[[np.ndarray, int, int], None]
 
-_BAND = 128  # rows or columns per work item: small enough to share out, large enough to amortise a call
+# Rows or columns per work item of the first pass: small enough to share out well. The last pass has one band per
+# thread, so that the consumer gets large blocks.
+_BAND = 128
 _MIN_PARALLEL_PIXELS = 1 << 18  # below this many output pixels, one call is faster than the thread hand-off
 
 
@@ -93,9 +95,8 @@ def _map(fn, items: list, helpers: int) -> list:
     return results
 
 
-def _bands(length: int) -> list[tuple[int, int]]:
-    """[start, end) bands of about _BAND rows or columns covering 0 .. length."""
-    parts = max(1, round(length / _BAND))
+def _bands(length: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` [start, end) bands of (nearly) equal size covering 0 .. length."""
     edges = [round(i * length / parts) for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -130,7 +131,7 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
         def one(band):
             consume(np.asarray(pass_fn(src, band)), *((band[0], 0) if by_rows else (0, band[0])))
 
-        _map(one, _bands(length), threads - 1)
+        _map(one, _bands(length, min(threads, max(1, length // _BAND))), threads - 1)
 
     if not need_v:
         last_pass(horizontal, image, in_h, by_rows=True)
@@ -138,13 +139,13 @@ def resize(image: PIL.Image.Image, size: tuple[int, int], resample: int, consume
         last_pass(vertical, image, in_w, by_rows=False)
     elif _horizontal_first(in_w, in_h, out_w, out_h):
         mid = PIL.Image.new("RGB", (out_w, in_h))
-        first = _bands(in_h)
+        first = _bands(in_h, max(1, in_h // _BAND))
         for (r0, _), part in zip(first, _map(lambda rows: horizontal(image, rows), first, threads - 1)):
             mid.paste(part, (0, r0))
         last_pass(vertical, mid, out_w, by_rows=False)
     else:
         mid = PIL.Image.new("RGB", (in_w, out_h))
-        first = _bands(in_w)
+        first = _bands(in_w, max(1, in_w // _BAND))
         for (c0, _), part in zip(first, _map(lambda cols: vertical(image, cols), first, threads - 1)):
             mid.paste(part, (c0, 0))
         last_pass(horizontal, mid, out_h, by_rows=True)
