@@ -2,9 +2,9 @@
 
 Workload: one 1411x1411 RGB photo (scikit-image's astronaut, upscaled once before timing) -> 4 tiles of 560 px,
 (a) images only, (b) with a prompt (adds tokenizing and the cross-attention mask). Both processors read the same
-checkpoint files (tests/tokenizer_fixture.py writes Llama-3.2-Vision-style ones). Runs alternate between the two
-implementations so that load from other processes hits both alike; the median of N runs is reported, with
-llama_mm also timed on one thread to separate the algorithmic gain from the threaded resize.
+checkpoint files (tests/tokenizer_fixture.py writes Llama-3.2-Vision-style ones). Runs interleave the
+implementations in rotating order so that load from other processes hits all alike; the median of N runs is
+reported, with llama_mm also timed on one thread to separate the algorithmic gain from the threaded resize.
 
     PYTHONPATH=python python bench/bench_preprocess.py [--runs 40] [--out bench/results/preprocess.json]
 """
@@ -91,13 +91,20 @@ def main():
         for fn in (ours_fn, theirs_fn):
             for _ in range(3):
                 fn()
-        t_ours, t_theirs, t_ours_1 = [], [], []
-        for _ in range(args.runs):
-            t_ours.append(timed(ours_fn))
-            t_theirs.append(timed(theirs_fn))
+        samples = {"ours": [], "theirs": [], "ours_1": []}
+
+        def ours_1_thread():
             torch.set_num_threads(1)
-            t_ours_1.append(timed(ours_fn))
-            torch.set_num_threads(threads)
+            try:
+                ours_fn()
+            finally:
+                torch.set_num_threads(threads)
+
+        variants = [("ours", ours_fn), ("theirs", theirs_fn), ("ours_1", ours_1_thread)]
+        for i in range(args.runs):  # rotate the order so that none always runs after another
+            for key, fn in variants[i % 3 :] + variants[: i % 3]:
+                samples[key].append(timed(fn))
+        t_ours, t_theirs, t_ours_1 = samples["ours"], samples["theirs"], samples["ours_1"]
         med_ours, med_theirs, med_ours_1 = map(statistics.median, (t_ours, t_theirs, t_ours_1))
         results[name] = {
             "llama_mm_ms": round(med_ours, 2),
@@ -121,7 +128,7 @@ def main():
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "note": "shared machine: other processes may run; the two implementations alternate run by run",
+            "note": "shared machine: other processes may run; the implementations interleave run by run",
         },
         "versions": {
             "python": platform.python_version(),
