@@ -9,12 +9,16 @@ How a single call works (Pillow's `ImagingResampleInner`, filters other than NEA
 with its coefficients fixed by (input size, output size) along its own axis:
   1. horizontal pass: each output column mixes a few input columns; rows are independent of each other;
   2. vertical pass: each output row mixes a few input rows; columns are independent of each other.
-The intermediate image is rounded to uint8. Pillow >= 13 runs the vertical pass first when the height shrinks by
-more than twice as many pixels as the width does; earlier versions always run the horizontal pass first.
+The intermediate image is rounded to uint8. Pillow 13 runs the vertical pass first when the height shrinks by
+more than twice as many pixels as the width does; older releases run the horizontal pass first.
 
 So the split is: the horizontal pass over bands of rows, the vertical pass over bands of columns, each band a
 single-axis `resize` of a crop with the same full-axis sizes, hence the same coefficients. Which pass runs first is
 learnt once from the installed Pillow (`_pass_order`); with an unknown order, or NEAREST, one plain call is made.
+
+Threads: `torch.get_num_threads()` of them (set it to 1 to resize on the calling thread only). The calling thread
+works through the bands too and never waits for a helper that has not started, so a busy machine costs little
+more than one plain call (measured: ~2-6 ms on a 1411 -> 1120 resize), and idle cores share the work.
 """
 
 import functools
