@@ -189,6 +189,10 @@ def test_bad_input_is_rejected():
         demo.Spec(shapes=spec.shapes, relation="near")
     with pytest.raises(ValueError, match="1 to 3"):
         demo.Spec(shapes=(a, b, a, b))
+    with pytest.raises(ValueError, match="malformed spec dict"):
+        demo.Spec.from_dict({"shapes": [{"colour": "red", "kind": "circle", "x": 0.5, "y": 0.5}]})
+    with pytest.raises(ValueError, match="Shape objects"):
+        demo.Spec(shapes=({"colour": "red"},))
     with pytest.raises(ValueError, match="relation spec"):
         demo.caption(demo.Spec(shapes=(a,)))
     with pytest.raises(ValueError, match="size"):

@@ -86,6 +86,8 @@ class Spec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shapes", tuple(self.shapes))
+        if not all(isinstance(s, Shape) for s in self.shapes):
+            raise ValueError(f"Spec.shapes must hold Shape objects, got {[type(s).__name__ for s in self.shapes]}")
         if not 1 <= len(self.shapes) <= MAX_SHAPES:
             raise ValueError(f"Spec.shapes has {len(self.shapes)} shapes; expected 1 to {MAX_SHAPES}")
         if self.relation is None:
@@ -109,7 +111,13 @@ class Spec:
     @classmethod
     def from_dict(cls, data: dict) -> "Spec":
         """Inverse of `dataclasses.asdict` (also after a JSON round trip)."""
-        return cls(shapes=tuple(Shape(**s) for s in data["shapes"]), relation=data.get("relation"))
+        try:
+            shapes = tuple(Shape(**s) for s in data["shapes"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"malformed spec dict ({e!r}); expected {{'shapes': [{{colour, kind, x, y, size}}, ...], 'relation'}}"
+            ) from e
+        return cls(shapes=shapes, relation=data.get("relation"))
 
 
 def _check_rng(rng) -> None:
