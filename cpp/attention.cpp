@@ -131,8 +131,12 @@ void dispatch_float(at::ScalarType t, const char* op, F&& f) {
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& key_valid, int64_t length) {
+                            const at::Tensor& key_valid, const at::Tensor& length_t) {
   check_qkv("decode_attention", q, k_cache, v_cache);
+  TORCH_CHECK(length_t.numel() == 1 && length_t.scalar_type() == at::kLong && length_t.device().is_cpu(),
+              "decode_attention: length must be a one-element int64 CPU tensor, got ", length_t.scalar_type(), " ",
+              length_t.sizes(), " on ", length_t.device());
+  const int64_t length = length_t.item<int64_t>();
   TORCH_CHECK(length > 0 && length <= k_cache.size(2), "decode_attention: length ", length, " outside [1, ",
               k_cache.size(2), "]");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == q.size(0) &&
