@@ -23,10 +23,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+#if defined(CPU_CAPABILITY_AVX512)
+  float s = _mm512_reduce_add_ps(acc);
+#else
   float lanes[Vec::size()];
   acc.store(lanes);
   float s = 0.f;
   for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+#endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
