@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
+#include "gemv.h"
 #include "ops.h"
 
 namespace {
@@ -129,6 +131,47 @@ void bench_silu_mul(const char* kind, int64_t rows, int64_t F, at::ScalarType dt
          [&] { return silu_mul_aten(gate, up); });
 }
 
+// Decode-step linear layer: the streaming GEMV against at::linear, on the 11B text stack's shapes. The weights
+// (tens of MB) cycle through several copies so that each call reads from memory rather than a warm cache.
+void bench_gemv(const char* kind, int64_t N, int64_t K, at::ScalarType dtype) {
+  std::vector<at::Tensor> ws;
+  for (int i = 0; i < 4; ++i) ws.push_back(at::randn({N, K}).to(dtype));
+  const at::Tensor x = at::randn({1, K}).to(dtype);
+  size_t i = 0, j = 0;
+  report("gemv", kind, ws[0], [&] { return llama_mm::cpu::gemv(x, ws[i++ % ws.size()]); },
+         [&] { return at::linear(x, ws[j++ % ws.size()]); });
+}
+
+// Decode attention over a KV cache (GQA 32/8 heads, head_dim 128) against the SDPA composition.
+void bench_decode_attention(const char* kind, int64_t S, at::ScalarType dtype) {
+  constexpr int64_t H = 32, KV = 8, D = 128;
+  const at::Tensor q = at::randn({1, H, D}).to(dtype);
+  const at::Tensor k = at::randn({1, KV, S, D}).to(dtype);
+  const at::Tensor v = at::randn({1, KV, S, D}).to(dtype);
+  const at::Tensor valid = at::ones({1, S}, at::kBool);
+  const at::Tensor length = at::full({1}, S, at::kLong);
+  report("decode_attention", kind, k, [&] { return llama_mm::cpu::decode_attention(q, k, v, valid, length); },
+         [&] {
+           return at::scaled_dot_product_attention(q.unsqueeze(2), k, v, std::nullopt, 0.0, false, std::nullopt, true)
+               .squeeze(2);
+         });
+}
+
+// Cross-attention of one decode token over a 4-tile image (4 x 1601 vision tokens) with its additive mask.
+void bench_cross_attention(at::ScalarType dtype) {
+  constexpr int64_t H = 32, KV = 8, D = 128, S = 4 * 1601;
+  const at::Tensor q = at::randn({1, H, D}).to(dtype);
+  const at::Tensor k = at::randn({1, KV, S, D}).to(dtype);
+  const at::Tensor v = at::randn({1, KV, S, D}).to(dtype);
+  const at::Tensor mask = at::zeros({1, S});
+  report("cross_attention", "decode", k, [&] { return llama_mm::cpu::cross_attention(q, k, v, mask); },
+         [&] {
+           return at::scaled_dot_product_attention(q.unsqueeze(2), k, v, mask.view({1, 1, 1, S}).to(dtype), 0.0,
+                                                   false, std::nullopt, true)
+               .squeeze(2);
+         });
+}
+
 }  // namespace
 
 // usage: llama_mm_bench [threads]   (default: ATen's default, one per core)
@@ -143,6 +186,12 @@ int main(int argc, char** argv) {
     bench_rope("prefill", 512, dtype);
     bench_silu_mul("decode", 1, 14336, dtype);
     bench_silu_mul("prefill", 512, 14336, dtype);
+    bench_gemv("qkv_o", 4096, 4096, dtype);
+    bench_gemv("mlp_up", 14336, 4096, dtype);
+    bench_gemv("mlp_down", 4096, 14336, dtype);
+    bench_decode_attention("ctx_512", 512, dtype);
+    bench_decode_attention("ctx_4096", 4096, dtype);
+    bench_cross_attention(dtype);
   }
   return 0;
 }
