@@ -1,0 +1,80 @@
+// The decode engine: prefill of the prompt, then a token loop entirely in C++ (the caller releases the GIL).
+//
+// It reads the text stack's weights from the tensors the Python model owns (no copy), keeps per request a
+// preallocated self-attention KV cache [B, Hkv, S_max, D] per self layer and the image K/V per cross layer
+// (computed once from the projected vision states), and samples with sampling.h. Ops go through the dispatcher
+// (torch.ops.llama_mm.*, at::linear), so the same engine runs the CPU or the CUDA kernels of its weights' device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "sampling.h"
+
+namespace llama_mm {
+
+struct EngineConfig {
+  int64_t hidden_size = 0, num_layers = 0, num_heads = 0, num_kv_heads = 0, vocab_size = 0;
+  double rms_norm_eps = 1e-5;
+  int64_t max_positions = 0;
+  std::vector<int64_t> cross_attention_layers;
+  int64_t head_dim() const { return hidden_size / num_heads; }
+};
+
+// Receives the tokens just chosen [B] (int64, CPU); returns true to stop the request.
+using StepCallback = std::function<bool(const at::Tensor&)>;
+
+class Engine {
+ public:
+  // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`);
+  // inv_freq [head_dim / 2] float32 (rope frequencies, llama3-scaled as the config says).
+  Engine(const std::unordered_map<std::string, at::Tensor>& weights, EngineConfig cfg, at::Tensor inv_freq);
+
+  // A whole request. input_ids / attention_mask [B, T] (left padding); vision_states [B, S, C] projected image
+  // features (none: text only, cross layers skipped); cross_mask [B, 1, T, S] additive and row_mask [B, T, 1] as
+  // model.cross_attention_masks builds them. Returns the new ids [B, N], N <= max_new_tokens; rows that stopped
+  // are filled with pad_id.
+  at::Tensor generate(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                      const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
+                      const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens, const SamplingParams& sp,
+                      const std::vector<int64_t>& stop_ids, int64_t pad_id, const StepCallback& on_step);
+
+  // The pieces, for tests and benchmarks. start() sets up the caches and runs the prompt, returning the last
+  // position's logits [B, V]; step() feeds one token per row [B] and returns the next logits [B, V].
+  at::Tensor start(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                   const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
+                   const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens);
+  at::Tensor step(const at::Tensor& tokens);
+
+  const EngineConfig& config() const { return cfg_; }
+
+ private:
+  struct Layer {
+    bool cross = false;
+    at::Tensor input_norm, wq, wk, wv, wo, post_norm, w_gate, w_up, w_down;
+    at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
+  };
+  at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, int64_t T);
+
+  EngineConfig cfg_;
+  std::vector<Layer> layers_;
+  at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
+
+  // Request state.
+  std::vector<at::Tensor> k_cache_, v_cache_;      // per layer (undefined for cross layers)
+  std::vector<at::Tensor> cross_k_, cross_v_;      // per layer (undefined for self layers / text only)
+  at::Tensor key_valid_;                           // [B, S_max] bool
+  at::Tensor self_mask_, cross_mask_, row_mask_;   // prefill: [B,1,T,T], [B,1,T,S], [B,T,1]
+  at::Tensor step_cross_mask_, step_row_mask_;     // decode: [B, S], [B, 1]
+  at::Tensor next_pos_;                            // [B, 1] int64
+  int64_t length_ = 0, capacity_ = 0;
+  bool has_image_ = false;
+};
+
+}  // namespace llama_mm

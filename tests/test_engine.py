@@ -1,0 +1,184 @@
+"""The native engine: greedy tokens identical to transformers' generate, agreement with the PyTorch path, the
+attention kernels against pure-torch references, and bad input."""
+import pytest
+import torch
+
+import llama_mm
+from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
+from llama_mm.model import cross_attention_masks
+from checkpoints import build_reference, random_inputs, write_checkpoint
+
+N = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ref = build_reference(attn_implementation="sdpa", seed=21)
+    model = llama_mm.load_model(write_checkpoint(tmp_path_factory.mktemp("ck"), ref))
+    t = model.cfg.text
+    weights = {n: p for n, p in model.named_parameters() if n.startswith("language_model.")}
+    engine = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+                       t.vocab_size, t.rms_norm_eps, t.max_position_embeddings, list(t.cross_attention_layers),
+                       model.language_model.model.inv_freq)
+    return ref, model, engine
+
+
+def engine_args(model, inputs):
+    vision = cross = rows = None
+    if "pixel_values" in inputs:
+        with torch.no_grad():
+            vision = model.vision_states(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        cross, rows = cross_attention_masks(inputs["cross_attention_mask"], model.cfg.vision.num_patches, model.dtype)
+    return inputs["input_ids"], inputs["attention_mask"], vision, cross, rows
+
+
+def greedy(engine, model, inputs, n=N, stop_ids=(), pad=0):
+    return engine.generate(*engine_args(model, inputs), n, _C.SamplingParams(), list(stop_ids), pad, None)
+
+
+def hf_greedy(ref, inputs, n=N, **kw):
+    kw.setdefault("eos_token_id", None)
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+CASES = {f"ratio-{r[0]}x{r[1]}": dict(aspect_ratios=(r,)) for r in
+         [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]}
+CASES.update({
+    "text-only": dict(with_image=False),
+    "two-images": dict(images_per_row=2, aspect_ratios=((1, 2), (2, 2))),
+    "padded-batch": dict(batch=2, left_pad=(4, 0), aspect_ratios=((2, 1), (1, 1))),
+})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_identical_to_transformers(setup, case):
+    ref, model, engine = setup
+    inputs = random_inputs(ref, seq=12, seed=len(case), **CASES[case])
+    ours, theirs = greedy(engine, model, inputs), hf_greedy(ref, inputs)
+    assert ours.shape == theirs.shape == (inputs["input_ids"].shape[0], N)
+    assert torch.equal(ours, theirs), f"first difference at {(ours != theirs).nonzero()[:1].tolist()}"
+
+
+def test_stops_on_end_ids_like_transformers(setup):
+    ref, model, engine = setup
+    inputs = random_inputs(ref, batch=2, seq=10, left_pad=(2, 0), aspect_ratios=((1, 1),), seed=5)
+    free = hf_greedy(ref, inputs, n=20)
+    stop = [int(free[0, 3]), int(free[1, 6])]  # tokens each row produces early
+    theirs = hf_greedy(ref, inputs, n=20, eos_token_id=stop)
+    ours = greedy(engine, model, inputs, n=20, stop_ids=stop, pad=0)
+    assert torch.equal(ours, theirs)
+    assert ours.shape[1] < 20  # everyone stopped: the loop ended early
+
+
+def test_engine_logits_match_pytorch_path(setup):
+    """Prefill and each decode step against the PyTorch model run on the whole sequence."""
+    ref, model, engine = setup
+    inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
+    ids = inputs["input_ids"]
+    logits = engine.start(*engine_args(model, inputs), 4)
+    for step in range(4):
+        full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
+                    cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
+                                                   [inputs["cross_attention_mask"][:, -1:]] * step, 1))
+        with torch.no_grad():
+            expected = model(**full).logits[:, -1]
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        nxt = logits.argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        if step < 3:
+            logits = engine.step(nxt)
+
+
+def test_bad_input_then_still_works(setup):
+    ref, model, engine = setup
+    inputs = random_inputs(ref, seq=8, with_image=False)
+    args = engine_args(model, inputs)
+    with pytest.raises(ValueError, match="exceeds the model context of 512"):
+        engine.generate(*args, 600, _C.SamplingParams(), [], 0, None)
+    with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
+        engine.generate(*args, 0, _C.SamplingParams(), [], 0, None)
+    bad = _C.SamplingParams()
+    bad.do_sample, bad.top_p = True, 1.5
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(*args, 4, bad, [], 0, None)
+    with pytest.raises(ValueError, match="input_ids outside the embedding table"):
+        engine.generate(args[0] + 10_000, *args[1:], 4, _C.SamplingParams(), [], 0, None)
+    assert torch.equal(greedy(engine, model, inputs, n=8), hf_greedy(ref, inputs, n=8))
+
+
+def test_callback_streams_and_stops(setup):
+    ref, model, engine = setup
+    inputs = random_inputs(ref, seq=8, with_image=False)
+    seen = []
+    out = engine.generate(*engine_args(model, inputs), 30, _C.SamplingParams(), [], 0,
+                          lambda ids: seen.append(ids.clone()) or len(seen) == 5)
+    assert out.shape == (1, 5) and torch.equal(torch.stack(seen, 1), out)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate(*engine_args(model, inputs), 30, _C.SamplingParams(), [], 0,
+                        lambda ids: (_ for _ in ()).throw(RuntimeError("boom")))
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+
+def attention_ref(q, k, v, additive):
+    """q [B, H, D]; k, v [B, Hkv, S, D]; additive [B, S] -> [B, H, D] (float64 reference)."""
+    B, H, D = q.shape
+    G = H // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.double(), k) / D ** 0.5 + additive.double()[:, None]
+    return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 4, 2, 17, 64), (3, 8, 8, 5, 16), (2, 6, 1, 300, 40), (1, 32, 8, 2049, 128)])
+def test_decode_attention(dtype, tol, B, H, Hkv, S, D):
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    kc = torch.randn(B, Hkv, S + 7, D, generator=g).to(dtype)  # a cache longer than what is used
+    vc = torch.randn(B, Hkv, S + 7, D, generator=g).to(dtype)
+    valid = torch.ones(B, S + 7, dtype=torch.bool)
+    valid[0, : S // 3] = False  # left padding on row 0
+    out = torch.ops.llama_mm.decode_attention(q, kc, vc, valid, S)
+    additive = torch.zeros(B, S).masked_fill(~valid[:, :S], float("-inf"))
+    expected = attention_ref(q, kc[:, :, :S], vc[:, :, :S], additive)
+    err = (out.double() - expected).abs().max().item()
+    print(f"decode_attention {dtype} max abs diff {err:.2e}")
+    assert out.dtype == dtype and err < tol * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cross_attention(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 2, 8, 2, 3 * 40, 32
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    mask = torch.zeros(B, S)
+    mask[0, 40:] = torch.finfo(torch.float32).min  # row 0 sees the first tile only
+    out = torch.ops.llama_mm.cross_attention(q, k, v, mask)
+    err = (out.double() - attention_ref(q, k, v, mask)).abs().max().item()
+    print(f"cross_attention {dtype} max abs diff {err:.2e}")
+    assert err < tol
+    no_mask = torch.ops.llama_mm.cross_attention(q, k, v, None)
+    assert (no_mask.double() - attention_ref(q, k, v, torch.zeros(B, S))).abs().max().item() < tol
+
+
+def test_attention_ops_opcheck():
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    torch.library.opcheck(torch.ops.llama_mm.decode_attention.default, (q, k, v, torch.ones(2, 6, dtype=torch.bool), 5))
+    torch.library.opcheck(torch.ops.llama_mm.cross_attention.default, (q, k, v, torch.zeros(2, 6)))
+
+
+def test_attention_bad_inputs():
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="length 7 outside"):
+        torch.ops.llama_mm.decode_attention(q, k, v, valid, 7)
+    with pytest.raises(RuntimeError, match="key_valid must be a bool"):
+        torch.ops.llama_mm.decode_attention(q, k, v, valid.float(), 3)
+    with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
+        torch.ops.llama_mm.cross_attention(torch.randn(2, 3, 8), k, v, None)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.llama_mm.cross_attention(q.double(), k, v, None)
