@@ -185,21 +185,30 @@ def _row_problem(row) -> str | None:
 
 
 def assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans [start, end) of each assistant turn in it.
+    """The rendered chat and the character spans [start, end) of each assistant reply in it.
 
-    Turn i's span is what rendering messages[:i+1] adds after rendering messages[:i] with the generation prompt:
-    the reply and its end-of-turn token, which the model must learn to produce."""
-    text = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    spans = []
+    For assistant turn i the template itself says what the reply is: rendering messages[:i+1] adds, after rendering
+    messages[:i] with the generation prompt, the reply and its end-of-turn token (which the model must learn to
+    produce). That generation prompt + reply is then located in the full rendering, after the previous reply (the
+    parts before it may render differently in a shorter conversation, e.g. a system block that depends on images)."""
+    def render(msgs, generation_prompt=False):
+        return processor.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=False)
+
+    text, spans, cursor = render(messages), [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        upto = processor.apply_chat_template(messages[: i + 1], add_generation_prompt=False, tokenize=False)
-        if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise ValueError(f"messages[{i}]: the chat template does not render this conversation as a prefix of "
-                             "the next turns, so the assistant tokens cannot be located")
-        spans.append((len(prompt), len(upto)))
+        before, prompt, upto = render(messages[:i]), render(messages[:i], True), render(messages[: i + 1])
+        if not (prompt.startswith(before) and upto.startswith(prompt)):
+            raise ValueError(f"messages[{i}]: the chat template does not render this reply as an extension of the "
+                             "conversation before it, so its tokens cannot be located")
+        header, reply = prompt[len(before):], upto[len(prompt):]
+        at = text.find(header + reply, cursor)
+        if at < 0:
+            raise ValueError(f"messages[{i}]: this reply, as the chat template renders it, is not in the rendering of "
+                             "the whole conversation")
+        spans.append((at + len(header), at + len(header) + len(reply)))
+        cursor = spans[-1][1]
     return text, spans
 
 
@@ -289,10 +298,18 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute each text decoder layer's and vision encoder layer's activations during backward instead of keeping
     them (torch.utils.checkpoint, non-reentrant, RNG state preserved so dropout masks repeat). Overrides `forward`
     on each layer instance: module and parameter names do not change."""
-    layers = [*model.language_model.model.layers, *model.vision_model.transformer.layers,
-              *model.vision_model.global_transformer.layers]
-    for layer in layers:
+    for layer in _checkpointed_layers(model):
         layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+
+
+def disable_gradient_checkpointing(model) -> None:
+    for layer in _checkpointed_layers(model):
+        layer.__dict__.pop("forward", None)
+
+
+def _checkpointed_layers(model):
+    return [*model.language_model.model.layers, *model.vision_model.transformer.layers,
+            *model.vision_model.global_transformer.layers]
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -316,80 +333,6 @@ def data_order(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
-def train(model, dataset: Sequence[dict], output_dir: str | Path, config: TrainConfig | None = None, *,
-          resume: bool | str | Path | None = None, pad_id: int = 0,
-          base_model_name_or_path: str | None = None) -> TrainResult:
-    """Fine-tune LoRA adapters on `model` (an `MllamaModel` without adapters; they are added here from `config`).
-
-    dataset: rows as `ChatDataset` returns them (dicts of tensors with batch dim 1, including `labels`).
-    resume: True for the latest `output_dir/checkpoint-N`, or a checkpoint directory."""
-    from tqdm.auto import tqdm
-
-    cfg = config or TrainConfig()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if len(dataset) == 0:
-        raise ValueError("the training dataset is empty")
-    torch.manual_seed(cfg.seed)
-    apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_batches = math.ceil(len(dataset) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))
-    scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.autocast == "fp16")
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "data_order": data_order(cfg.seed, 0, len(dataset)),
-             "history": []}
-    if resume:
-        ckpt = _resume_dir(output_dir, resume)
-        state = load_checkpoint(ckpt, model, named, optimizer, scheduler, scaler, cfg)
-
-    model.train()
-    bar = tqdm(total=total, initial=state["step"], disable=not cfg.progress, desc="finetune", unit="step")
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0}
-    while state["step"] < total:
-        if state["batches_done"] >= n_batches:
-            state["epoch"] += 1
-            state["batches_done"] = 0
-            state["data_order"] = data_order(cfg.seed, state["epoch"], len(dataset))
-        start = time.perf_counter()
-        first = state["batches_done"]
-        group = range(first, min(first + cfg.grad_accum, n_batches))
-        order = state["data_order"]
-        batches = [collate([dataset[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]], pad_id)
-                   for b in group]
-        loss, tokens = accumulate_gradients(model, batches, cfg.autocast, scaler)
-        if cfg.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state["step"] += 1
-        state["batches_done"] = group.stop
-        window["loss"] += loss
-        window["tokens"] += tokens
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - start
-        bar.update(1)
-        if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            entry = {"step": state["step"], "epoch": state["epoch"], "loss": window["loss"] / window["steps"],
-                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / window["seconds"]}
-            state["history"].append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            window = dict.fromkeys(window, 0)
-        if state["step"] == total or (cfg.save_every and state["step"] % cfg.save_every == 0):
-            save_checkpoint(output_dir / f"checkpoint-{state['step']}", model, named, optimizer, scheduler, scaler,
-                            cfg, state, base_model_name_or_path)
-    bar.close()
-    save_adapter(model, output_dir, base_model_name_or_path)
-    return TrainResult(output_dir=output_dir, steps=state["step"], history=state["history"])
-
-
 def accumulate_gradients(model, batches: list[dict], autocast: str | None = None, scaler=None) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step, adding to the parameters' .grad the
     gradient of (summed assistant-token cross-entropy / the step's assistant-token count). Returns (that loss,
@@ -411,61 +354,149 @@ def accumulate_gradients(model, batches: list[dict], autocast: str | None = None
     return total_loss, tokens
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: Path, model, named, optimizer, scheduler, scaler, cfg: TrainConfig, state: dict,
-                    base_model_name_or_path: str | None = None) -> None:
-    """adapter (PEFT format) + trainer_state.safetensors (optimizer moments, RNG states) + trainer_state.json
-    (step, epoch, data order, scheduler, scaler, config, history). No pickle."""
-    from safetensors.torch import save_file
+def train(model, dataset: Sequence[dict], output_dir: str | Path, config: TrainConfig | None = None, *,
+          resume: bool | str | Path | None = None, pad_id: int = 0,
+          base_model_name_or_path: str | None = None) -> TrainResult:
+    """Fine-tune LoRA adapters on `model` (an `MllamaModel` without adapters; they are added here from `config`).
 
-    save_adapter(model, directory, base_model_name_or_path)
-    opt = optimizer.state_dict()
-    tensors = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    for idx, (name, _) in enumerate(named):
-        for key, value in opt["state"].get(idx, {}).items():
-            tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
-    save_file(tensors, directory / _TENSORS_FILE)
-    meta = dict(state, scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-                config=_config_json(cfg), parameters=[n for n, _ in named])
-    (directory / _STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def load_checkpoint(directory: Path, model, named, optimizer, scheduler, scaler, cfg: TrainConfig) -> dict:
-    """Restore what `save_checkpoint` wrote; returns the training state (step, epoch, data order, history)."""
-    meta_path = directory / _STATE_FILE
+    dataset: rows as `ChatDataset` returns them (dicts of tensors with batch dim 1, including `labels`).
+    resume: True for the latest `output_dir/checkpoint-N`, or a checkpoint directory.
+    The model is returned to eval mode, with its trained adapters in place (not merged)."""
+    trainer = Trainer(model, dataset, Path(output_dir), config or TrainConfig(), pad_id, base_model_name_or_path)
+    if resume:
+        trainer.load(_resume_dir(trainer.output_dir, resume))
+    model.train()
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: cannot read the training state ({e})") from None
-    saved, now = meta["config"], _config_json(cfg)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
-             if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
-    if diffs:
-        raise ValueError(f"{directory}: cannot resume with a different configuration: " + "; ".join(diffs))
-    if meta["parameters"] != [n for n, _ in named]:
-        raise ValueError(f"{directory}: the checkpoint's trainable parameters differ from the model's")
-    load_adapter(model, directory)
-    tensors = read_safetensors(directory / _TENSORS_FILE)
-    opt_state = {}
-    for idx, (name, _) in enumerate(named):
-        entry = {k.rsplit(".", 1)[1]: t.clone() for k, t in tensors.items()
-                 if k.startswith(f"optimizer.{name}.") and k.count(".") == name.count(".") + 2}
-        if entry:
-            opt_state[idx] = entry
-    groups = [dict(g, params=list(range(len(named)))) for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict(meta["scheduler"])
-    if scaler.is_enabled():
-        scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"].clone())
-    cuda_states = [tensors[k].clone() for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    return {k: meta[k] for k in ("step", "epoch", "batches_done", "data_order", "history")}
+        trainer.run()
+    finally:
+        model.eval()
+        disable_gradient_checkpointing(model)
+    save_adapter(model, trainer.output_dir, base_model_name_or_path)
+    return TrainResult(output_dir=trainer.output_dir, steps=trainer.state["step"], history=trainer.state["history"])
+
+
+class Trainer:
+    """The optimizer, schedule, scaler and position of one training run; `run` steps it to the end and writes
+    checkpoints, `save`/`load` write and restore everything a run needs to continue exactly (no pickle:
+    trainer_state.safetensors holds optimizer moments and RNG states, trainer_state.json the rest)."""
+
+    def __init__(self, model, dataset, output_dir: Path, cfg: TrainConfig, pad_id: int, base_model: str | None):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        self.model, self.dataset, self.output_dir, self.cfg = model, dataset, output_dir, cfg
+        self.pad_id, self.base_model = pad_id, base_model
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.n_batches = math.ceil(len(dataset) / cfg.batch_size)
+        steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
+        self.total = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.warmup_steps, self.total))
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.autocast == "fp16")
+        # batches_done: micro-batches of the current epoch already trained on
+        self.state = {"step": 0, "epoch": 0, "batches_done": 0, "data_order": data_order(cfg.seed, 0, len(dataset)),
+                      "history": []}
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        bar = tqdm(total=self.total, initial=state["step"], disable=not cfg.progress, desc="finetune", unit="step")
+        window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0}
+        while state["step"] < self.total:
+            start = time.perf_counter()
+            loss, tokens = self.step()
+            for key, value in (("loss", loss), ("tokens", tokens), ("steps", 1),
+                               ("seconds", time.perf_counter() - start)):
+                window[key] += value
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == self.total:
+                entry = {"step": state["step"], "epoch": state["epoch"], "loss": window["loss"] / window["steps"],
+                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / window["seconds"]}
+                state["history"].append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+                window = dict.fromkeys(window, 0)
+            if state["step"] == self.total or (cfg.save_every and state["step"] % cfg.save_every == 0):
+                self.save(self.output_dir / f"checkpoint-{state['step']}")
+        bar.close()
+
+    def step(self) -> tuple[float, int]:
+        """One optimizer step over the next `grad_accum` micro-batches; returns (loss, tokens processed)."""
+        cfg, state = self.cfg, self.state
+        if state["batches_done"] >= self.n_batches:
+            epoch = state["epoch"] + 1
+            state.update(epoch=epoch, batches_done=0, data_order=data_order(cfg.seed, epoch, len(self.dataset)))
+        group = range(state["batches_done"], min(state["batches_done"] + cfg.grad_accum, self.n_batches))
+        order, bs = state["data_order"], cfg.batch_size
+        batches = [collate([self.dataset[i] for i in order[b * bs:(b + 1) * bs]], self.pad_id) for b in group]
+        loss, tokens = accumulate_gradients(self.model, batches, cfg.autocast, self.scaler)
+        if cfg.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        state["step"] += 1
+        state["batches_done"] = group.stop
+        return loss, tokens
+
+    def save(self, directory: Path) -> None:
+        """adapter (PEFT format) + trainer_state.safetensors + trainer_state.json."""
+        from safetensors.torch import save_file
+
+        save_adapter(self.model, directory, self.base_model)
+        opt = self.optimizer.state_dict()
+        tensors = {"rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        for idx, (name, _) in enumerate(self.named):
+            for key, value in opt["state"].get(idx, {}).items():
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+        save_file(tensors, directory / _TENSORS_FILE)
+        meta = dict(self.state, scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                    param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+                    config=_config_json(self.cfg), parameters=[n for n, _ in self.named])
+        (directory / _STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (the configuration must match, but for RESUMABLE_CHANGES)."""
+        meta_path = directory / _STATE_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: cannot read the training state ({e})") from None
+        saved, now = meta["config"], _config_json(self.cfg)
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
+                 if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        if diffs:
+            raise ValueError(f"{directory}: cannot resume with a different configuration: " + "; ".join(diffs))
+        if meta["parameters"] != [n for n, _ in self.named]:
+            raise ValueError(f"{directory}: the checkpoint's trainable parameters differ from the model's")
+        load_adapter(self.model, directory)
+        tensors = read_safetensors(directory / _TENSORS_FILE)
+        opt_state = {}
+        for idx, (name, _) in enumerate(self.named):
+            prefix = f"optimizer.{name}."
+            entry = {k[len(prefix):]: t.clone() for k, t in tensors.items()
+                     if k.startswith(prefix) and "." not in k[len(prefix):]}
+            if entry:
+                opt_state[idx] = entry
+        groups = [dict(g, params=list(range(len(self.named)))) for g in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"].clone())
+        cuda_states = [tensors[k].clone() for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.state = {k: meta[k] for k in self.state}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -502,8 +533,8 @@ def finetune(model_dir: str | Path, data: str | Path, output_dir: str | Path, *,
     dataset = ChatDataset(data, processor)  # every row is checked before the model is loaded
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir, device=device, dtype=cfg.dtype)
-    pad_id = model.cfg.text.pad_token_id
-    return train(model, dataset, output_dir, cfg, resume=resume, pad_id=0 if pad_id is None else pad_id,
+    pad_id = processor.pad_token_id if processor.pad_token_id is not None else model.cfg.text.pad_token_id
+    return train(model, dataset, output_dir, cfg, resume=resume, pad_id=pad_id or 0,
                  base_model_name_or_path=str(model_dir))
 
 
