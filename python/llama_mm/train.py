@@ -224,7 +224,8 @@ def label_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[li
 class ChatDataset(Sequence):
     """JSONL rows, checked and tokenised up front; images are read and preprocessed when a row is fetched."""
 
-    def __init__(self, path: str | Path, processor):
+    def __init__(self, path: str | Path, processor, max_length: int | None = None):
+        """max_length: rows with more tokens (the model's context, max_position_embeddings) are errors."""
         self.processor, self.path = processor, Path(path)
         self.examples = read_jsonl(path)
         self.tokens, errors = [], []
@@ -237,6 +238,8 @@ class ChatDataset(Sequence):
             ids, labels = label_tokens(processor.tokenizer, text, spans)
             if all(lab == IGNORE for lab in labels):
                 errors.append(f"line {ex.line}: no assistant tokens after tokenisation")
+            if max_length is not None and len(ids) + 1 > max_length:  # + 1: the BOS the processor may add
+                errors.append(f"line {ex.line}: {len(ids)} tokens, longer than the model's context of {max_length}")
             self.tokens.append((text, ids, labels))
         if errors:
             raise ValueError(f"{self.path}: {len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]))
@@ -522,6 +525,7 @@ def finetune(model_dir: str | Path, data: str | Path, output_dir: str | Path, *,
     """Fine-tune a LoRA adapter for the checkpoint in `model_dir` on the JSONL file `data`; the adapter and the
     checkpoints go to `output_dir`. `options` are `TrainConfig` fields (epochs, lr, batch_size, grad_accum, r,
     alpha, dropout, target_modules, autocast, dtype, device, gradient_checkpointing, seed, max_steps, ...)."""
+    from .config import MllamaConfig
     from .model import load_model
     from .processor import MllamaProcessor
 
@@ -530,7 +534,8 @@ def finetune(model_dir: str | Path, data: str | Path, output_dir: str | Path, *,
         raise TypeError(f"finetune() got unknown option(s) {unknown}")
     cfg = TrainConfig(**options)
     processor = MllamaProcessor.from_pretrained(model_dir)
-    dataset = ChatDataset(data, processor)  # every row is checked before the model is loaded
+    context = MllamaConfig.from_pretrained(model_dir).text.max_position_embeddings
+    dataset = ChatDataset(data, processor, max_length=context)  # every row is checked before the model is loaded
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir, device=device, dtype=cfg.dtype)
     pad_id = processor.pad_token_id if processor.pad_token_id is not None else model.cfg.text.pad_token_id
