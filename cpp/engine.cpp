@@ -39,6 +39,15 @@ at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   return h.call(q, k, v, mask);
 }
 
+// The most negative finite value of a dtype: transformers' finfo(dtype).min mask value.
+at::Scalar lowest(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::lowest());
+    default: return static_cast<double>(std::numeric_limits<float>::lowest());
+  }
+}
+
 const at::Tensor& get(const std::unordered_map<std::string, at::Tensor>& w, const std::string& name) {
   auto it = w.find(name);
   TORCH_CHECK_VALUE(it != w.end(), "Engine: weight '", name, "' is missing");
@@ -169,11 +178,10 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   auto positions = (valid.to(at::kLong).cumsum(1) - 1).masked_fill(~valid, 1);  // (B, T)
   next_pos_ = positions.narrow(1, T - 1, 1) + 1;                                  // (B, 1)
 
-  const float lowest = std::numeric_limits<float>::lowest();
   auto idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev));
   auto allowed = idx.unsqueeze(1) >= idx.unsqueeze(0);                  // (T, T) causal
   allowed = allowed.unsqueeze(0) & valid.unsqueeze(1);                  // (B, T, T)
-  self_mask_ = at::zeros({B, 1, T, T}, opts).masked_fill(~allowed.unsqueeze(1), lowest);
+  self_mask_ = at::zeros({B, 1, T, T}, opts).masked_fill(~allowed.unsqueeze(1), lowest(opts.dtype().toScalarType()));
 
   k_cache_.assign(layers_.size(), at::Tensor());
   v_cache_.assign(layers_.size(), at::Tensor());

@@ -5,7 +5,7 @@ import torch
 
 import llama_mm
 from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
-from llama_mm.model import cross_attention_masks
+from llama_mm.engine import Engine
 from checkpoints import build_reference, random_inputs, write_checkpoint
 
 N = 64
@@ -15,25 +15,11 @@ N = 64
 def setup(tmp_path_factory):
     ref = build_reference(attn_implementation="sdpa", seed=21)
     model = llama_mm.load_model(write_checkpoint(tmp_path_factory.mktemp("ck"), ref))
-    t = model.cfg.text
-    weights = {n: p for n, p in model.named_parameters() if n.startswith("language_model.")}
-    engine = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-                       t.vocab_size, t.rms_norm_eps, t.max_position_embeddings, list(t.cross_attention_layers),
-                       model.language_model.model.inv_freq)
-    return ref, model, engine
-
-
-def engine_args(model, inputs):
-    vision = cross = rows = None
-    if "pixel_values" in inputs:
-        with torch.no_grad():
-            vision = model.vision_states(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
-        cross, rows = cross_attention_masks(inputs["cross_attention_mask"], model.cfg.vision.num_patches, model.dtype)
-    return inputs["input_ids"], inputs["attention_mask"], vision, cross, rows
+    return ref, model, Engine(model)
 
 
 def greedy(engine, model, inputs, n=N, stop_ids=(), pad=0):
-    return engine.generate(*engine_args(model, inputs), n, _C.SamplingParams(), list(stop_ids), pad, None)
+    return engine.run(inputs, n, stop_ids=stop_ids, pad_id=pad)
 
 
 def hf_greedy(ref, inputs, n=N, **kw):
@@ -77,7 +63,7 @@ def test_engine_logits_match_pytorch_path(setup):
     ref, model, engine = setup
     inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
     ids = inputs["input_ids"]
-    logits = engine.start(*engine_args(model, inputs), 4)
+    logits = engine.native.start(*engine.request_args(inputs), 4)
     for step in range(4):
         full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
                     cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
@@ -88,23 +74,24 @@ def test_engine_logits_match_pytorch_path(setup):
         nxt = logits.argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], 1)
         if step < 3:
-            logits = engine.step(nxt)
+            logits = engine.native.step(nxt)
 
 
 def test_bad_input_then_still_works(setup):
     ref, model, engine = setup
     inputs = random_inputs(ref, seq=8, with_image=False)
-    args = engine_args(model, inputs)
+    args = engine.request_args(inputs)
+    native = engine.native
     with pytest.raises(ValueError, match="exceeds the model context of 512"):
-        engine.generate(*args, 600, _C.SamplingParams(), [], 0, None)
+        native.generate(*args, 600, _C.SamplingParams(), [], 0, None)
     with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
-        engine.generate(*args, 0, _C.SamplingParams(), [], 0, None)
+        native.generate(*args, 0, _C.SamplingParams(), [], 0, None)
     bad = _C.SamplingParams()
     bad.do_sample, bad.top_p = True, 1.5
     with pytest.raises(ValueError, match="top_p"):
-        engine.generate(*args, 4, bad, [], 0, None)
+        native.generate(*args, 4, bad, [], 0, None)
     with pytest.raises(ValueError, match="input_ids outside the embedding table"):
-        engine.generate(args[0] + 10_000, *args[1:], 4, _C.SamplingParams(), [], 0, None)
+        native.generate(args[0] + 10_000, *args[1:], 4, _C.SamplingParams(), [], 0, None)
     assert torch.equal(greedy(engine, model, inputs, n=8), hf_greedy(ref, inputs, n=8))
 
 
@@ -112,12 +99,10 @@ def test_callback_streams_and_stops(setup):
     ref, model, engine = setup
     inputs = random_inputs(ref, seq=8, with_image=False)
     seen = []
-    out = engine.generate(*engine_args(model, inputs), 30, _C.SamplingParams(), [], 0,
-                          lambda ids: seen.append(ids.clone()) or len(seen) == 5)
+    out = engine.run(inputs, 30, on_tokens=lambda ids: seen.append(ids.clone()) or len(seen) == 5)
     assert out.shape == (1, 5) and torch.equal(torch.stack(seen, 1), out)
     with pytest.raises(RuntimeError, match="boom"):
-        engine.generate(*engine_args(model, inputs), 30, _C.SamplingParams(), [], 0,
-                        lambda ids: (_ for _ in ()).throw(RuntimeError("boom")))
+        engine.run(inputs, 30, on_tokens=lambda ids: (_ for _ in ()).throw(RuntimeError("boom")))
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------

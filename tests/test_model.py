@@ -75,6 +75,17 @@ def test_padded_batch_of_two(pair):
     compare(ref, ours, dict(inputs, position_ids=positions), valid)
 
 
+def test_row_with_fewer_images(pair):
+    """Row 1 has one image, row 0 two: row 1's second image slot is all padding (id 0, empty mask)."""
+    ref, ours = pair
+    inputs = random_inputs(ref, batch=2, seq=14, images_per_row=2, aspect_ratios=((1, 2), (2, 2), (3, 1), (1, 1)))
+    inputs["pixel_values"][1, 1] = 0
+    inputs["aspect_ratio_ids"][1, 1] = 0
+    inputs["aspect_ratio_mask"][1, 1] = 0
+    inputs["cross_attention_mask"][1, :, 1] = 0
+    compare(ref, ours, inputs)
+
+
 def test_rows_before_the_image_see_no_image(pair):
     """Text before the first <|image|> has an all-zero cross-attention mask row (the MLP output of cross layers is
     dropped there): a chat-template shaped prompt."""

@@ -16,22 +16,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .model import cross_attention_masks, load_model
+from .engine import Engine
+from .model import load_model
 from .sampling import SamplingParams
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-
-
-def _native():
-    from . import ops  # loads llama_mm._C, which registers the ops the engine calls
-
-    if not ops.NATIVE:
-        raise RuntimeError("llama_mm's native extension is not built: reinstall with "
-                           "`pip install --no-build-isolation .` (see README)")
-    from . import _C
-
-    return _C
 
 
 class Generator:
@@ -49,12 +39,7 @@ class Generator:
         self.processor = MllamaProcessor.from_pretrained(self.model_dir)
         self.cfg = self.model.cfg
         self.defaults, self.stop_ids, self.pad_id = _generation_defaults(self.model_dir, self.cfg)
-        t = self.cfg.text
-        _C = _native()
-        weights = {n: p for n, p in self.model.named_parameters() if n.startswith("language_model.")}
-        self.engine = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
-                                t.num_key_value_heads, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings,
-                                list(t.cross_attention_layers), self.model.language_model.model.inv_freq)
+        self.engine = Engine(self.model)
         self._lock = threading.Lock()  # one request at a time per engine (it owns the caches)
 
     # ---- sampling parameters -----------------------------------------------------------------------------------
@@ -78,31 +63,14 @@ class Generator:
         params = self.sampling_params(**sampling)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask
-        B, T = ids.shape
+        B, T = inputs["input_ids"].shape
         limit = self.cfg.text.max_position_embeddings
         if T + max_new_tokens > limit:
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} = {T + max_new_tokens} "
                              f"exceeds the model context of {limit} positions")
-        vision = cross = rows = None
-        with torch.inference_mode():
-            if inputs.get("pixel_values") is not None:
-                vision = self.model.vision_states(inputs["pixel_values"].to(self.model.device),
-                                                  inputs["aspect_ratio_ids"].to(self.model.device),
-                                                  inputs["aspect_ratio_mask"].to(self.model.device))
-                xmask = inputs.get("cross_attention_mask")
-                if xmask is None:
-                    raise ValueError("inputs with pixel_values need a cross_attention_mask")
-                cross, rows = cross_attention_masks(xmask.to(self.model.device), self.cfg.vision.num_patches,
-                                                    self.model.dtype)
-        callback = on_tokens
-        if stop:
-            callback = _stop_string_callback(self, B, list(stop), on_tokens)
-        with self._lock, torch.inference_mode():
-            return self.engine.generate(ids.long(), mask.long(), vision, cross, rows, max_new_tokens,
-                                        _to_native(params), self.stop_ids, self.pad_id, callback)
+        callback = _stop_string_callback(self, B, list(stop), on_tokens) if stop else on_tokens
+        with self._lock:
+            return self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, callback)
 
     # ---- text in, text out -------------------------------------------------------------------------------------
     def prepare(self, image=None, prompt: str | Sequence[str] = "", images=None) -> dict:
@@ -208,15 +176,6 @@ def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):
         return stop_now or all(hit)
 
     return callback
-
-
-def _to_native(p: SamplingParams):
-    from . import _C
-
-    sp = _C.SamplingParams()
-    sp.do_sample, sp.temperature, sp.top_k, sp.top_p = p.do_sample, p.temperature, p.top_k, p.top_p
-    sp.min_p, sp.repetition_penalty, sp.seed = p.min_p, p.repetition_penalty, p.seed
-    return sp
 
 
 def _generation_defaults(model_dir: Path, cfg) -> tuple[SamplingParams, list[int], int]:

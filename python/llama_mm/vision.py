@@ -57,11 +57,11 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         BN, S, C = x.shape
         q, k, v = (p(x).view(BN, S, self.n_heads, self.head_dim).transpose(1, 2)  # (BN, H, S, D)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (BN, H, S, D)
+        out = attend_with_padding(q, k, v, pad)  # (BN, H, S, D)
         return self.o_proj(out.transpose(1, 2).reshape(BN, S, C))
 
 
@@ -89,8 +89,8 @@ class VisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), mask)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), pad)
         h = x + (self.gate_attn.tanh() * attn if self.gated else attn)
         mlp = self.mlp(self.post_attention_layernorm(h))
         return h + (self.gate_ffn.tanh() * mlp if self.gated else mlp)
@@ -101,28 +101,45 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(cfg, gated) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: tuple[int, ...] = ()):
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, keep: tuple[int, ...] = ()):
         """Returns the final states and the outputs of the layers whose indices are in `keep`."""
         kept = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask)
+            x = layer(x, pad)
             if i in keep:
                 kept[i] = x
         return x, [kept[i] for i in keep]
 
 
-def tile_attention_mask(aspect_ratio_mask: torch.Tensor, cfg: VisionConfig, dtype: torch.dtype) -> torch.Tensor:
-    """aspect_ratio_mask [BN, T] -> additive mask [BN, 1, T*L, T*L].
-
-    A token is padding when its tile is empty or it is one of the patches added to reach a multiple of 8. As in
-    transformers (and Meta's reference), only padding-to-padding pairs are masked: real tokens see padding tokens.
-    """
+def padding_tokens(aspect_ratio_mask: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """aspect_ratio_mask [BN, T] -> pad [BN, T*L] bool: a token is padding when its tile is empty or it is one of
+    the patches added to reach a multiple of 8."""
     BN, T = aspect_ratio_mask.shape
-    L = cfg.padded_patches
-    pad = (aspect_ratio_mask[:, :, None] == 0).expand(BN, T, L).clone()  # (BN, T, L)
+    pad = (aspect_ratio_mask[:, :, None] == 0).expand(BN, T, cfg.padded_patches).clone()  # (BN, T, L)
     pad[:, :, cfg.num_patches:] = True
-    pad = pad.reshape(BN, T * L).to(dtype)
-    return (pad[:, :, None] * pad[:, None, :] * torch.finfo(dtype).min)[:, None]  # (BN, 1, T*L, T*L)
+    return pad.reshape(BN, T * cfg.padded_patches)
+
+
+def attend_with_padding(q, k, v, pad) -> torch.Tensor:
+    """q, k, v [BN, H, S, D]; pad [BN, S] bool -> [BN, H, S, D].
+
+    transformers (and Meta's reference) mask only padding-to-padding pairs (its additive finfo.min mask is the outer
+    product of the padding indicator): real queries see every token, padding queries see only real tokens (all
+    tokens, uniformly, when the whole image is padding). So real queries take mask-free attention and only the
+    padding queries are recomputed with their keys masked: the same numbers without a [S, S] mask per image."""
+    out = F.scaled_dot_product_attention(q, k, v)
+    if not bool(pad.any()):
+        return out
+    rows_out = []
+    for b in range(q.shape[0]):
+        rows = pad[b].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows_out.append(out[b])
+            continue
+        mask = torch.zeros(pad.shape[1], dtype=q.dtype, device=q.device).masked_fill(pad[b], torch.finfo(q.dtype).min)
+        sub = F.scaled_dot_product_attention(q[b, :, rows], k[b], v[b], attn_mask=mask)  # (H, rows, D)
+        rows_out.append(out[b].index_copy(1, rows, sub))
+    return torch.stack(rows_out)
 
 
 class VisionModel(nn.Module):
@@ -159,11 +176,11 @@ class VisionModel(nn.Module):
         x = self.layernorm_pre(x)
         x = F.pad(x, (0, 0, 0, L - P))  # (BN, T, L, C)
 
-        mask = tile_attention_mask(aspect_ratio_mask.reshape(B * N, T), cfg, dtype)
-        x, kept = self.transformer(x.reshape(B * N, T * L, C), mask, cfg.intermediate_layers_indices)
+        pad = padding_tokens(aspect_ratio_mask.reshape(B * N, T), cfg)  # (BN, T*L)
+        x, kept = self.transformer(x.reshape(B * N, T * L, C), pad, cfg.intermediate_layers_indices)
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.reshape(B * N, T, L, C), ar_ids)
-        x, _ = self.global_transformer(x.reshape(B * N, T * L, C), mask)
+        x, _ = self.global_transformer(x.reshape(B * N, T * L, C), pad)
 
         x = x.reshape(B * N, T, L, C)[:, :, :P]  # (BN, T, P, C)
         # Intermediate features interleave per channel: [c0_l0, c0_l1, ..., c1_l0, ...], as the projector expects.

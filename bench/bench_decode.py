@@ -1,0 +1,157 @@
+"""End-to-end decode benchmark on the CPU: llama_mm's engine against transformers on the same weights, dtype and
+machine, in one run.
+
+Model: a random checkpoint shaped like the real text stack at reduced width (vocab 128256, hidden 1024, 16 heads /
+4 KV heads, MLP 4096, 10 layers, cross-attention at 3 and 8; ~450M parameters) with a small vision tower at the
+real image geometry (560 px tiles, patch 14: 1601 tokens per tile), one 4-tile image, batch 1.
+
+Reports decode ms/token, time to first token, and effective bandwidth (bytes of weights read per decode step /
+step time) next to the machine's measured memory read bandwidth. Writes bench/results/decode_cpu.json.
+
+    python bench/bench_decode.py [--new-tokens 32] [--repeats 3] [--out bench/results/decode_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+TEXT = dict(vocab_size=128256, hidden_size=1024, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=4,
+            intermediate_size=4096, cross_attention_layers=[3, 8], max_position_embeddings=131072,
+            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=8192),
+            bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
+VISION = dict(hidden_size=256, num_hidden_layers=4, num_global_layers=2, attention_heads=4, intermediate_size=1024,
+              image_size=560, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[1, 3])
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Best-of-N memory read bandwidth in GB/s: a sum over a buffer far larger than the caches."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def decode_bytes(model, vision_tokens: int, context: int) -> int:
+    """Bytes read per decode step: every text weight but the embedding table (one row of it), the image K/V of each
+    cross layer, and the self-attention KV cache."""
+    t = model.cfg.text
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("language_model."):
+            total += p.shape[1] * p.element_size() if "embed_tokens" in name else p.numel() * p.element_size()
+    kv = 2 * t.num_key_value_heads * t.head_dim * model.language_model.lm_head.weight.element_size()
+    n_cross = len(t.cross_attention_layers)
+    return total + kv * (n_cross * vision_tokens + (t.num_hidden_layers - n_cross) * context)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/decode_cpu.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    from checkpoints import build_reference, random_inputs, write_checkpoint
+    import llama_mm
+    from llama_mm.engine import Engine
+
+    N = args.new_tokens
+    ref = build_reference(TEXT, VISION, seed=0, attn_implementation="sdpa")
+    inputs = random_inputs(ref, seq=args.prompt_tokens, aspect_ratios=((2, 2),), seed=0)
+    vision_tokens = 4 * (560 // 14) ** 2 + 4
+    results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "python": platform.python_version()},
+               "model": {"text": TEXT, "vision": VISION, "images": "one 4-tile image (2x2)", "batch": 1,
+                         "prompt_tokens": args.prompt_tokens, "new_tokens": N},
+               "read_bandwidth_GBps": round(read_bandwidth(), 2), "runs": []}
+
+    def hf_run(model, n):
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=TEXT["pad_token_id"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, ref)
+        del ref
+        from transformers import MllamaForConditionalGeneration
+        for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            hf = MllamaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).eval()
+            hf_ttft = timed(lambda: hf_run(hf, 1), args.repeats)
+            hf_total = timed(lambda: hf_run(hf, N), args.repeats)
+            hf_tokens = hf_run(hf, N)[:, inputs["input_ids"].shape[1]:]
+            del hf
+
+            model = llama_mm.load_model(tmp, dtype=dtype)
+            engine = Engine(model)
+
+            def ours(n):
+                return engine.run(inputs, n)
+
+            ttft = timed(lambda: ours(1), args.repeats)
+            total = timed(lambda: ours(N), args.repeats)
+            tokens = ours(N)
+            step_bytes = decode_bytes(model, vision_tokens, args.prompt_tokens + N // 2)
+            del model, engine
+            hf_decode = (hf_total - hf_ttft) / (N - 1)
+            decode = (total - ttft) / (N - 1)
+            run = {
+                "dtype": dtype_name,
+                "transformers": {"ttft_s": round(hf_ttft, 4), "decode_ms_per_token": round(hf_decode * 1e3, 2),
+                                 "effective_bandwidth_GBps": round(step_bytes / hf_decode / 1e9, 2)},
+                "llama_mm": {"ttft_s": round(ttft, 4), "decode_ms_per_token": round(decode * 1e3, 2),
+                             "effective_bandwidth_GBps": round(step_bytes / decode / 1e9, 2)},
+                "bytes_per_decode_step": step_bytes,
+                "decode_speedup_vs_transformers_same_dtype": round(hf_decode / decode, 2),
+                "fraction_of_read_bandwidth": round(step_bytes / decode / 1e9 / results["read_bandwidth_GBps"], 3),
+                "greedy_tokens_identical_to_transformers": bool(torch.equal(tokens, hf_tokens)),
+            }
+            results["runs"].append(run)
+            print(json.dumps(run, indent=1), flush=True)
+    fp32 = next(r for r in results["runs"] if r["dtype"] == "float32")
+    bf16 = next(r for r in results["runs"] if r["dtype"] == "bfloat16")
+    results["bf16_decode_speedup_vs_transformers_fp32"] = round(
+        fp32["transformers"]["decode_ms_per_token"] / bf16["llama_mm"]["decode_ms_per_token"], 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"read bandwidth {results['read_bandwidth_GBps']} GB/s; bf16 llama_mm vs fp32 transformers: "
+          f"{results['bf16_decode_speedup_vs_transformers_fp32']}x; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The native engine bound to a loaded model: runs the vision tower once per request (PyTorch), then the C++
+prefill and decode loop (`llama_mm._C.Engine`, GIL released) over the model's own weight tensors (no copy)."""
+from __future__ import annotations
+
+import torch
+
+from .model import MllamaModel, cross_attention_masks
+from .sampling import SamplingParams
+
+
+def native_module():
+    from . import ops  # loads llama_mm._C, which registers the ops the engine calls
+
+    if not ops.NATIVE:
+        raise RuntimeError("llama_mm's native extension is not built: reinstall with "
+                           "`pip install --no-build-isolation .` (see README)")
+    from . import _C
+
+    return _C
+
+
+class Engine:
+    def __init__(self, model: MllamaModel):
+        _C = native_module()
+        self.model = model
+        t = model.cfg.text
+        weights = {n: p for n, p in model.named_parameters() if n.startswith("language_model.")}
+        self.native = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
+                                t.num_key_value_heads, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings,
+                                list(t.cross_attention_layers), model.language_model.model.inv_freq)
+
+    def request_args(self, inputs: dict) -> tuple:
+        """The processor's dict -> (input_ids, attention_mask, vision_states, cross_mask, row_mask) for the engine."""
+        m = self.model
+        ids = inputs["input_ids"].long()
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.long()
+        vision = cross = rows = None
+        if inputs.get("pixel_values") is not None:
+            xmask = inputs.get("cross_attention_mask")
+            if xmask is None or inputs.get("aspect_ratio_ids") is None or inputs.get("aspect_ratio_mask") is None:
+                raise ValueError("inputs with pixel_values need aspect_ratio_ids, aspect_ratio_mask and "
+                                 "cross_attention_mask")
+            with torch.inference_mode():
+                vision = m.vision_states(inputs["pixel_values"].to(m.device), inputs["aspect_ratio_ids"].to(m.device),
+                                         inputs["aspect_ratio_mask"].to(m.device))
+                cross, rows = cross_attention_masks(xmask.to(m.device), m.cfg.vision.num_patches, m.dtype)
+        return ids, mask, vision, cross, rows
+
+    def run(self, inputs: dict, max_new_tokens: int, params: SamplingParams | None = None,
+            stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None) -> torch.Tensor:
+        """New ids [B, N]; rows that stopped are padded with pad_id. on_tokens(ids [B]) -> True stops."""
+        params = (params or SamplingParams()).validate()
+        with torch.inference_mode():
+            return self.native.generate(*self.request_args(inputs), max_new_tokens, to_native(params),
+                                        list(stop_ids), pad_id, on_tokens)
+
+
+def to_native(p: SamplingParams):
+    sp = native_module().SamplingParams()
+    sp.do_sample, sp.temperature, sp.top_k, sp.top_p = p.do_sample, p.temperature, p.top_k, p.top_p
+    sp.min_p, sp.repetition_penalty, sp.seed = p.min_p, p.repetition_penalty, p.seed
+    return sp
