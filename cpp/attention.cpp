@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -172,8 +171,3 @@ at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 }  // namespace llama_mm::cpu
-
-TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
-  m.impl("decode_attention", &llama_mm::cpu::decode_attention);
-  m.impl("cross_attention", &llama_mm::cpu::cross_attention);
-}

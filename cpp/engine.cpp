@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include "gemv.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -46,6 +48,11 @@ at::Scalar lowest(at::ScalarType t) {
     case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::lowest());
     default: return static_cast<double>(std::numeric_limits<float>::lowest());
   }
+}
+
+// Linear layer: the streaming matrix-vector kernel for the decode step's few rows on the CPU, else at::linear.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
+  return cpu::gemv_applies(x, w) ? cpu::gemv(x, w) : at::linear(x, w);
 }
 
 const at::Tensor& get(const std::unordered_map<std::string, at::Tensor>& w, const std::string& name) {
@@ -100,7 +107,7 @@ Engine::Engine(const std::unordered_map<std::string, at::Tensor>& w, EngineConfi
 }
 
 at::Tensor Engine::mlp(const Layer& l, const at::Tensor& x) const {
-  return at::linear(silu_mul(at::linear(x, l.w_gate), at::linear(x, l.w_up)), l.w_down);
+  return project(silu_mul(project(x, l.w_gate), project(x, l.w_up)), l.w_down);
 }
 
 // x [B, T, C] -> [B, T, C]. Prefill (the prompt, T tokens from cache slot 0) when length_ == 0, else one decode
@@ -115,7 +122,7 @@ at::Tensor Engine::forward(const at::Tensor& x_in, const at::Tensor& positions, 
     if (l.cross) {
       if (!has_image_) continue;  // text only: cross layers are skipped, as in the reference
       auto h = rms_norm(x, l.input_norm, eps);
-      auto q = rms_norm(at::linear(h, l.wq).view({B, T, H, D}), l.q_norm, eps);  // (B, T, H, D)
+      auto q = rms_norm(project(h, l.wq).view({B, T, H, D}), l.q_norm, eps);  // (B, T, H, D)
       at::Tensor attn;
       if (prefill) {
         attn = at::scaled_dot_product_attention(q.transpose(1, 2), cross_k_[i], cross_v_[i], cross_mask_, 0.0, false,
@@ -124,14 +131,14 @@ at::Tensor Engine::forward(const at::Tensor& x_in, const at::Tensor& positions, 
       } else {
         attn = cross_attention(q.view({B, H, D}), cross_k_[i], cross_v_[i], step_cross_mask_);  // (B, H, D)
       }
-      x = x + l.attn_gate * at::linear(attn.reshape({B, T, H * D}), l.wo);
+      x = x + l.attn_gate * project(attn.reshape({B, T, H * D}), l.wo);
       auto m = mlp(l, rms_norm(x, l.post_norm, eps));
       x = x + l.mlp_gate * ((prefill ? row_mask_ : step_row_mask_.unsqueeze(1)) * m);
     } else {
       auto h = rms_norm(x, l.input_norm, eps);
-      auto q = rope(at::linear(h, l.wq).view({B, T, H, D}), positions, inv_freq_);    // (B, T, H, D)
-      auto k = rope(at::linear(h, l.wk).view({B, T, Hkv, D}), positions, inv_freq_);  // (B, T, Hkv, D)
-      auto v = at::linear(h, l.wv).view({B, T, Hkv, D});
+      auto q = rope(project(h, l.wq).view({B, T, H, D}), positions, inv_freq_);    // (B, T, H, D)
+      auto k = rope(project(h, l.wk).view({B, T, Hkv, D}), positions, inv_freq_);  // (B, T, Hkv, D)
+      auto v = project(h, l.wv).view({B, T, Hkv, D});
       k_cache_[i].narrow(2, length_, T).copy_(k.transpose(1, 2));
       v_cache_[i].narrow(2, length_, T).copy_(v.transpose(1, 2));
       at::Tensor attn;
@@ -143,7 +150,7 @@ at::Tensor Engine::forward(const at::Tensor& x_in, const at::Tensor& positions, 
       } else {
         attn = decode_attention(q.view({B, H, D}), k_cache_[i], v_cache_[i], key_valid_, length_ + 1);  // (B, H, D)
       }
-      x = x + at::linear(attn.reshape({B, T, H * D}), l.wo);
+      x = x + project(attn.reshape({B, T, H * D}), l.wo);
       x = x + mlp(l, rms_norm(x, l.post_norm, eps));
     }
   }
@@ -207,9 +214,9 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
     for (size_t i = 0; i < layers_.size(); ++i) {
       if (!layers_[i].cross) continue;
       const auto& l = layers_[i];
-      auto k = rms_norm(at::linear(v_in, l.wk).view({B, S, Hkv, D}), l.k_norm, cfg_.rms_norm_eps);
+      auto k = rms_norm(project(v_in, l.wk).view({B, S, Hkv, D}), l.k_norm, cfg_.rms_norm_eps);
       cross_k_[i] = k.transpose(1, 2).contiguous();                                                // (B, Hkv, S, D)
-      cross_v_[i] = at::linear(v_in, l.wv).view({B, S, Hkv, D}).transpose(1, 2).contiguous();  // (B, Hkv, S, D)
+      cross_v_[i] = project(v_in, l.wv).view({B, S, Hkv, D}).transpose(1, 2).contiguous();  // (B, Hkv, S, D)
     }
   }
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -220,7 +227,7 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   auto x = at::embedding(embed_, input_ids.to(dev));  // (B, T, C)
   x = forward(x, positions, T);
   auto last = rms_norm(x.select(1, T - 1), final_norm_, cfg_.rms_norm_eps);  // (B, C)
-  return at::linear(last, lm_head_);
+  return project(last, lm_head_);
 }
 
 at::Tensor Engine::step(const at::Tensor& tokens) {
@@ -231,7 +238,7 @@ at::Tensor Engine::step(const at::Tensor& tokens) {
   auto x = at::embedding(embed_, tokens.reshape({B, 1}).to(embed_.device()));  // (B, 1, C)
   x = forward(x, next_pos_, 1);
   next_pos_ = next_pos_ + 1;
-  return at::linear(rms_norm(x.select(1, 0), final_norm_, cfg_.rms_norm_eps), lm_head_);  // (B, V)
+  return project(rms_norm(x.select(1, 0), final_norm_, cfg_.rms_norm_eps), lm_head_);  // (B, V)
 }
 
 at::Tensor Engine::generate(const at::Tensor& input_ids, const at::Tensor& attention_mask,

@@ -167,3 +167,25 @@ def test_attention_bad_inputs():
         torch.ops.llama_mm.cross_attention(torch.randn(2, 3, 8), k, v, None)
     with pytest.raises(RuntimeError, match="share a dtype"):
         torch.ops.llama_mm.cross_attention(q.double(), k, v, None)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("rows,N,K", [(1, 64, 1024), (3, 37, 129), (8, 1030, 16), (1, 5, 7), (2, 300, 4100)])
+def test_gemv(dtype, tol, rows, N, K):
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    out = torch.ops.llama_mm.gemv(x, w)
+    expected = x.double() @ w.double().T
+    err = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+    print(f"gemv {dtype} rows={rows} {N}x{K}: max rel diff {err:.1e}")
+    assert out.shape == (rows, 1, N) and out.dtype == dtype and err < tol
+
+
+def test_gemv_bad_inputs():
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        torch.ops.llama_mm.gemv(torch.randn(9, 4), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="disagree on K"):
+        torch.ops.llama_mm.gemv(torch.randn(1, 5), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.llama_mm.gemv(torch.randn(1, 4), torch.randn(3, 4).bfloat16())

@@ -1,9 +1,10 @@
-"""Generator: the user-facing API. Preprocess -> vision encoder (PyTorch, once per request) -> native engine
+"""Generator: the user-facing API. Preprocess -> vision tower (PyTorch, once per request) -> native engine
 (prefill + the C++ decode loop, GIL released) -> text.
 
     gen = llama_mm.Generator("path/to/Llama-3.2-11B-Vision-Instruct")
     print(gen.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
                    images=["photo.jpg"]))
+    print(gen.generate("photo.jpg", "If I had to write a haiku for this one"))   # base checkpoints
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .model import load_model
 from .sampling import SamplingParams
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+IMAGE_TOKEN = "<|image|>"
 
 
 class Generator:
@@ -29,30 +31,64 @@ class Generator:
 
     model_dir: a Hugging Face Mllama checkpoint directory; None loads the built-in demo model.
     device: "cpu" or "cuda" (default: cpu). dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16".
+    progress: show a progress bar while the weights load.
     """
 
-    def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None):
+    def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False):
+        self.init_text_side(model_dir)
+        self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress)
+        self.engine = Engine(self.model)
+        self._lock = threading.Lock()  # one request at a time per engine (it owns the caches)
+        self.last_token_count = 0
+
+    def init_text_side(self, model_dir) -> None:
+        """Processor, config and generation defaults: everything but the weights."""
+        from .config import MllamaConfig
         from .processor import MllamaProcessor
 
         self.model_dir = Path(model_dir) if model_dir is not None else BUILTIN_DIR
-        self.model = load_model(self.model_dir, device=device, dtype=dtype)
+        self.cfg = MllamaConfig.from_pretrained(self.model_dir)
         self.processor = MllamaProcessor.from_pretrained(self.model_dir)
-        self.cfg = self.model.cfg
-        self.defaults, self.stop_ids, self.pad_id = _generation_defaults(self.model_dir, self.cfg)
-        self.engine = Engine(self.model)
-        self._lock = threading.Lock()  # one request at a time per engine (it owns the caches)
+        self.defaults, self.stop_ids, self.pad_id = generation_defaults(self.model_dir, self.cfg)
 
     # ---- sampling parameters -----------------------------------------------------------------------------------
     def sampling_params(self, **overrides) -> SamplingParams:
-        """Defaults from generation_config.json, overridden by the arguments that are not None."""
+        """Defaults from generation_config.json, overridden by the arguments that are not None. A temperature > 0
+        turns sampling on; temperature 0 is greedy."""
         values = {k: v for k, v in overrides.items() if v is not None}
-        unknown = set(values) - set(_SAMPLING_KEYS) - {"do_sample"}
+        unknown = set(values) - set(_SAMPLING_KEYS)
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}")
         params = replace(self.defaults, **values)
-        if "temperature" in values and values["temperature"] > 0 and "do_sample" not in values:
-            params = replace(params, do_sample=True)  # asking for a temperature means sampling
+        if values.get("temperature", 0) > 0 and "do_sample" not in values:
+            params = replace(params, do_sample=True)
         return params.validate()
+
+    # ---- inputs --------------------------------------------------------------------------------------------------
+    def request_inputs(self, prompt: str | Sequence[str], images=None, chat: bool = False) -> dict:
+        """Processor tensors for one prompt (images: a list of images) or a batch (prompts, and per prompt a list).
+        Base-model prompts get one `<|image|>` per image in front when they have none; chat=True renders the
+        checkpoint's chat template with the images first."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if images is not None and single:
+            images = [list(images)]
+        if images is not None:
+            images = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompt(s) but images for {len(images)}")
+        texts = []
+        for i, p in enumerate(prompts):
+            n = len(images[i]) if images is not None else 0
+            if chat:
+                content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": p}]
+                texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                                add_generation_prompt=True, tokenize=False))
+            else:
+                texts.append(p if IMAGE_TOKEN in p or n == 0 else IMAGE_TOKEN * n + p)
+        return self.processor(images=images, text=texts, padding=True)
 
     # ---- the core: processor output -> new token ids -------------------------------------------------------------
     def generate_ids(self, inputs: dict, max_new_tokens: int = 64, stop: Sequence[str] | None = None,
@@ -70,58 +106,54 @@ class Generator:
                              f"exceeds the model context of {limit} positions")
         callback = _stop_string_callback(self, B, list(stop), on_tokens) if stop else on_tokens
         with self._lock:
-            return self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, callback)
+            out = self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, callback)
+        ended = torch.isin(out[0], torch.tensor(self.stop_ids + [self.pad_id]))
+        self.last_token_count = int(ended.nonzero()[0, 0]) + 1 if ended.any() else out.shape[1]
+        return out
 
     # ---- text in, text out -------------------------------------------------------------------------------------
-    def prepare(self, image=None, prompt: str | Sequence[str] = "", images=None) -> dict:
-        """Base-model prompts: `<|image|>` is prepended for each image when the prompt has none."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    def generate(self, image=None, prompt: str | Sequence[str] = "", max_new_tokens: int = 64, *, images=None,
+                 stop: Sequence[str] | None = None, **sampling):
+        """Base-style prompting. One prompt -> str; a list of prompts -> list[str] (images: one list per prompt).
+        Sampling: temperature, top_p, top_k, min_p, repetition_penalty, seed (defaults: generation_config.json)."""
         if image is not None and images is not None:
-            raise ValueError("pass either image= or images=, not both")
-        if image is not None:
-            images = [[image]] if len(prompts) == 1 and not isinstance(image, (list, tuple)) else image
-            images = [im if isinstance(im, (list, tuple)) else [im] for im in images]
-        token = "<|image|>"
-        if images is not None:
-            if len(images) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompt(s) but images for {len(images)}")
-            prompts = [p if token in p else token * len(ims) + p for p, ims in zip(prompts, images)]
-        return self.processor(images=images, text=prompts, padding=True)
+            raise ValueError("pass image= or images=, not both")
+        return self.generate_text(prompt, image if images is None else images, False, max_new_tokens, stop,
+                                  **sampling)
 
-    def generate(self, image=None, prompt: str | Sequence[str] = "", max_new_tokens: int = 64,
-                 temperature=None, top_p=None, top_k=None, min_p=None, repetition_penalty=None, seed=None,
-                 stop: Sequence[str] | None = None, images=None):
-        """One prompt -> str; a list of prompts (with a list of images, one or a list per prompt) -> list[str]."""
-        inputs = self.prepare(image, prompt, images)
-        out = self.generate_ids(inputs, max_new_tokens, stop=stop, temperature=temperature, top_p=top_p,
-                                top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        texts = [self._finish(row, stop) for row in out]
-        return texts[0] if isinstance(prompt, str) else texts
-
-    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop=None, **sampling) -> Iterator[str]:
-        """Yields the answer's text as it is produced (one prompt)."""
-        if not isinstance(prompt, str):
-            raise ValueError("stream() takes one prompt")
-        inputs = self.prepare(image, prompt, sampling.pop("images", None))
-        return self._stream(inputs, max_new_tokens, stop, sampling)
-
-    def chat(self, messages: list[dict], images=None, max_new_tokens: int = 256, stream: bool = False, stop=None,
-             **sampling):
-        """Instruct checkpoints: renders the checkpoint's chat template; images fill the `{"type": "image"}` slots
-        in order."""
+    def chat(self, messages: list[dict], images=None, max_new_tokens: int = 256, stream: bool = False,
+             stop: Sequence[str] | None = None, **sampling):
+        """Instruct checkpoints: renders the chat template; images fill the `{"type": "image"}` slots in order."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        imgs = None
-        if images:
-            imgs = [list(images) if isinstance(images, (list, tuple)) else [images]]
+        imgs = None if not images else [list(images) if isinstance(images, (list, tuple)) else [images]]
         inputs = self.processor(images=imgs, text=[text], padding=True)
         if stream:
             return self._stream(inputs, max_new_tokens, stop, sampling)
         return self._finish(self.generate_ids(inputs, max_new_tokens, stop=stop, **sampling)[0], stop)
 
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, *, images=None, chat: bool = False,
+               stop: Sequence[str] | None = None, **sampling) -> Iterator[str]:
+        """Yields the answer's text as it is produced (one prompt)."""
+        if not isinstance(prompt, str):
+            raise ValueError("stream() takes one prompt")
+        inputs = self.request_inputs(prompt, image if images is None else images, chat)
+        return self._stream(inputs, max_new_tokens, stop, sampling)
+
+    def generate_text(self, prompt, images=None, chat: bool = False, max_new_tokens: int = 64, stop=None,
+                      **sampling):
+        out = self.generate_ids(self.request_inputs(prompt, images, chat), max_new_tokens, stop=stop, **sampling)
+        texts = [self._finish(row, stop) for row in out]
+        return texts[0] if isinstance(prompt, str) else texts
+
     # ---- helpers -------------------------------------------------------------------------------------------------
     def _decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) not in self.stop_ids and int(i) != self.pad_id]
-        return self.processor.decode(ids, skip_special_tokens=True)
+        ends = set(self.stop_ids) | {self.pad_id}
+        kept = []
+        for i in (int(t) for t in ids):
+            if i in ends:
+                break
+            kept.append(i)
+        return self.processor.decode(kept, skip_special_tokens=True)
 
     def _finish(self, ids, stop) -> str:
         text = self._decode(ids)
@@ -134,18 +166,17 @@ class Generator:
     def _stream(self, inputs, max_new_tokens, stop, sampling) -> Iterator[str]:
         pieces: queue.Queue = queue.Queue()
         done = object()
-        emitted = [""]
         generated: list[int] = []
+        emitted = [""]
+        error: list[BaseException] = []
 
         def on_tokens(ids):
             generated.append(int(ids[0]))
             text = self._finish(generated, stop)
-            if not text.endswith("\ufffd") and len(text) > len(emitted[0]):  # wait for whole UTF-8 characters
+            if not text.endswith("\ufffd") and len(text) > len(emitted[0]):  # whole UTF-8 characters only
                 pieces.put(text[len(emitted[0]):])
                 emitted[0] = text
             return False
-
-        error: list[BaseException] = []
 
         def run():
             try:
@@ -163,6 +194,7 @@ class Generator:
 
 
 def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):
+    """Stops the loop once every row's text contains one of the stop strings."""
     generated: list[list[int]] = [[] for _ in range(B)]
     hit = [False] * B
 
@@ -170,16 +202,16 @@ def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):
         for b in range(B):
             generated[b].append(int(ids[b]))
             if not hit[b]:
-                text = gen._decode(generated[b])
-                hit[b] = any(s in text for s in stop)
+                hit[b] = any(s in gen._decode(generated[b]) for s in stop)
         stop_now = bool(inner(ids)) if inner else False
         return stop_now or all(hit)
 
     return callback
 
 
-def _generation_defaults(model_dir: Path, cfg) -> tuple[SamplingParams, list[int], int]:
-    """Sampling defaults, end ids and the pad id from generation_config.json (and config.json's text config)."""
+def generation_defaults(model_dir: Path, cfg) -> tuple[SamplingParams, list[int], int]:
+    """Sampling defaults, end ids and the pad id from generation_config.json (and config.json's text config), with
+    transformers' defaults where the file is silent (top_k 50; pad falls back to the first end id)."""
     path = model_dir / "generation_config.json"
     raw = {}
     if path.is_file():
@@ -187,21 +219,20 @@ def _generation_defaults(model_dir: Path, cfg) -> tuple[SamplingParams, list[int
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-    params = SamplingParams(
-        do_sample=bool(raw.get("do_sample", False)),
-        temperature=float(raw.get("temperature", 1.0)),
-        top_k=int(raw.get("top_k", 50) or 0),  # transformers' default when the file has none
-        top_p=float(raw.get("top_p", 1.0)),
-        min_p=float(raw.get("min_p", 0.0) or 0.0),
-        repetition_penalty=float(raw.get("repetition_penalty", 1.0)),
-    )
     try:
-        params = params.validate()
-    except ValueError as e:
+        params = SamplingParams(
+            do_sample=bool(raw.get("do_sample", False)),
+            temperature=float(raw.get("temperature", 1.0)),
+            top_k=int(raw.get("top_k", 50) or 0),
+            top_p=float(raw.get("top_p", 1.0)),
+            min_p=float(raw.get("min_p", 0.0) or 0.0),
+            repetition_penalty=float(raw.get("repetition_penalty", 1.0)),
+        ).validate()
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     eos = raw.get("eos_token_id", list(cfg.text.eos_token_id))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    stop_ids = sorted(set(eos) | set(cfg.text.eos_token_id))
+    stop_ids = list(dict.fromkeys(eos + list(cfg.text.eos_token_id)))
     pad = raw.get("pad_token_id", cfg.text.pad_token_id)
-    pad = (eos[0] if eos else 0) if pad is None else pad  # transformers falls back to the first end id
+    pad = (stop_ids[0] if stop_ids else 0) if pad is None else pad
     return params, stop_ids, int(pad)

@@ -129,7 +129,7 @@ def resolve_dtype(dtype, default: torch.dtype | None) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r} (use one of auto, float32, bfloat16, float16)")
 
 
-def load_model(model_dir: str | Path, device=None, dtype=None) -> MllamaModel:
+def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = False) -> MllamaModel:
     """Load a Hugging Face Mllama checkpoint directory (config.json + safetensors) as an `MllamaModel`.
 
     dtype: None/"auto" keeps the checkpoint's dtype (config.json's `dtype`/`torch_dtype`, else float32).
@@ -141,6 +141,6 @@ def load_model(model_dir: str | Path, device=None, dtype=None) -> MllamaModel:
     tensors = load_checkpoint(model_dir)
     with torch.device("meta"):
         model = MllamaModel(cfg)
-    assign_weights(model, tensors, dev, dt, source=str(model_dir))
+    assign_weights(model, tensors, dev, dt, source=str(model_dir), progress=progress)
     model.language_model.model.inv_freq = cfg.text.rope.inv_freq(cfg.text.head_dim).to(dev)
     return model.requires_grad_(False).eval()

@@ -1,24 +1,154 @@
-"""Interim pure-torch ops (replaced by the native-backed module from the `native` branch)."""
+"""Typed wrappers over the native ops `torch.ops.llama_mm.*`, with their pure-PyTorch references.
+
+The references are the exact Hugging Face Mllama formulas (transformers' modeling_mllama.py). Loading
+`llama_mm._C` registers the native ops; without it (`NATIVE` is False) every wrapper runs its reference. A wrapper
+also runs the reference when autograd needs it (grad enabled and an input requires grad), so training works, and
+for devices the native module has no kernels for. The native ops themselves are differentiable too: their backward
+is the reference's gradient, recomputed (so a graph that calls torch.ops.llama_mm.* directly is never silently wrong).
+"""
+
+from __future__ import annotations
+
+import warnings
+
 import torch
-import torch.nn.functional as F
 
-NATIVE = False
+try:
+    from llama_mm import _C  # loading it registers torch.ops.llama_mm.*
+except ModuleNotFoundError as e:  # not built: pure-PyTorch fallback
+    _C = None
+    NATIVE_ERROR: str | None = str(e)
+except ImportError as e:  # built but unloadable (e.g. compiled against another torch): say so, then fall back
+    _C = None
+    NATIVE_ERROR = str(e)
+    warnings.warn(f"llama_mm._C failed to load, using the pure-PyTorch ops: {e}", RuntimeWarning, stacklevel=2)
+else:
+    NATIVE_ERROR = None
+
+NATIVE: bool = _C is not None
+CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
+
+__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "rms_norm_ref", "rope_ref", "silu_mul_ref"]
 
 
-def rms_norm(x, weight, eps):
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+# ---- references (HF formulas) ----------------------------------------------------------------------------------
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF MllamaTextRMSNorm. x [..., D], weight [D] -> [..., D]."""
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
     return weight * h.to(x.dtype)
 
 
-def rope(x, positions, inv_freq):
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
 
 
-def silu_mul(gate, up):
-    return F.silu(gate) * up
+def rope_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """HF MllamaRotaryEmbedding + apply_rotary_pos_emb.
+
+    x [B, T, H, D], positions [B, T] int64, inv_freq [D/2] float32 -> [B, T, H, D].
+    """
+    freqs = positions[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    cos = emb.cos().to(x.dtype)[:, :, None, :]  # [B, T, 1, D]
+    sin = emb.sin().to(x.dtype)[:, :, None, :]
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """HF MllamaTextMLP activation: silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---- wrappers ----------------------------------------------------------------------------------------------------
+
+
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the native op can run: built, a device with kernels, and no autograd graph to record."""
+    if not NATIVE:
+        return False
+    device = tensors[0].device.type
+    if device != "cpu" and not (device == "cuda" and CUDA_KERNELS):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim. x [..., D], weight [D] (x's dtype) -> [..., D]."""
+    if _native_ok(x, weight):
+        return torch.ops.llama_mm.rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding. x [B, T, H, D] (any strides), positions [B, T] int64, inv_freq [D/2] f32 -> [B, T, H, D]."""
+    if _native_ok(x, positions, inv_freq):
+        return torch.ops.llama_mm.rope(x, positions, inv_freq)
+    return rope_ref(x, positions, inv_freq)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU activation silu(gate) * up; gate and up have the same shape."""
+    if _native_ok(gate, up):
+        return torch.ops.llama_mm.silu_mul(gate, up)
+    return silu_mul_ref(gate, up)
+
+
+# ---- registrations: fake (meta) implementations for tracing/torch.compile/opcheck, and autograd -----------------
+
+if NATIVE:
+
+    @torch.library.register_fake("llama_mm::rms_norm")
+    def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("llama_mm::rope")
+    def _rope_fake(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("llama_mm::silu_mul")
+    def _silu_mul_fake(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("llama_mm::decode_attention")
+    def _decode_attention_fake(q, k_cache, v_cache, key_valid, length):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("llama_mm::cross_attention")
+    def _cross_attention_fake(q, k, v, mask):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("llama_mm::gemv")
+    def _gemv_fake(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _register_reference_backward(name: str, reference, n_tensors: int) -> None:
+    """Make torch.ops.llama_mm.<name> differentiable: its backward is the gradient of `reference`, recomputed.
+
+    The first `n_tensors` arguments are tensors; the rest (e.g. eps) are passed through.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.rest = inputs[n_tensors:]
+
+    def backward(ctx, grad):
+        tensors = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        wanted = [t for t in tensors if t.requires_grad]
+        with torch.enable_grad():
+            grads = iter(torch.autograd.grad(reference(*tensors, *ctx.rest), wanted, grad))
+        return tuple(next(grads) if t.requires_grad else None for t in tensors) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(f"llama_mm::{name}", backward, setup_context=setup_context)
+
+
+if NATIVE:
+    _register_reference_backward("rms_norm", rms_norm_ref, 2)
+    _register_reference_backward("rope", rope_ref, 3)
+    _register_reference_backward("silu_mul", silu_mul_ref, 2)

@@ -165,7 +165,8 @@ def load_checkpoint(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], device, dtype, source="checkpoint"):
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], device, dtype, source="checkpoint",
+                   progress: bool = False):
     """Strictly assign `tensors` (canonical names) to `module`'s parameters, cast to `dtype` on `device`.
 
     Raises `CheckpointError` listing every missing, unexpected and wrongly shaped tensor at once.
@@ -187,8 +188,18 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], de
     if problems:
         raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
     state = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", leave=False)
     for name, t in tensors.items():
         if not (t.is_floating_point()):
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected a floating-point type")
         state[name] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        if bar is not None:
+            bar.update(t.numel() * t.element_size())
+    if bar is not None:
+        bar.close()
     module.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,92 @@
+// The Python extension module llama_mm._C. Loading it registers the torch.ops.llama_mm.* operators
+// (op_library.cpp, cuda/*.cu); pybind11 bindings for stateful objects go here.
+#include <torch/extension.h>
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "engine.h"
+#include "sampling.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llama_mm native kernels; the ops are torch.ops.llama_mm.*";
+#ifdef LLAMA_MM_WITH_CUDA
+  m.attr("cuda_kernels") = true;
+#else
+  m.attr("cuda_kernels") = false;
+#endif
+
+  py::class_<llama_mm::SamplingParams>(m, "SamplingParams")
+      .def(py::init<>())
+      .def_readwrite("do_sample", &llama_mm::SamplingParams::do_sample)
+      .def_readwrite("temperature", &llama_mm::SamplingParams::temperature)
+      .def_readwrite("top_k", &llama_mm::SamplingParams::top_k)
+      .def_readwrite("top_p", &llama_mm::SamplingParams::top_p)
+      .def_readwrite("min_p", &llama_mm::SamplingParams::min_p)
+      .def_readwrite("repetition_penalty", &llama_mm::SamplingParams::repetition_penalty)
+      .def_readwrite("seed", &llama_mm::SamplingParams::seed);
+
+  m.def("sampling_probs", &llama_mm::sampling_probs, "logits [B, V] -> probabilities after the warpers",
+        py::arg("logits"), py::arg("params"));
+  m.def("sample_next",
+        [](const at::Tensor& logits, const std::optional<at::Tensor>& seen, const llama_mm::SamplingParams& p,
+           int64_t seed, int64_t steps) {
+          // `steps` draws with one generator (tests: the stream matches torch.Generator().manual_seed(seed)).
+          p.validate();
+          auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+          std::vector<at::Tensor> out;
+          for (int64_t i = 0; i < steps; ++i) out.push_back(llama_mm::sample_next(logits, seen.value_or(at::Tensor()), p, gen));
+          return at::stack(out, 0);
+        },
+        py::arg("logits"), py::arg("seen"), py::arg("params"), py::arg("seed"), py::arg("steps") = 1);
+
+  py::class_<llama_mm::Engine>(m, "Engine")
+      .def(py::init([](const std::unordered_map<std::string, at::Tensor>& weights, int64_t hidden_size,
+                       int64_t num_layers, int64_t num_heads, int64_t num_kv_heads, int64_t vocab_size,
+                       double rms_norm_eps, int64_t max_positions, std::vector<int64_t> cross_layers,
+                       at::Tensor inv_freq) {
+             llama_mm::EngineConfig cfg;
+             cfg.hidden_size = hidden_size;
+             cfg.num_layers = num_layers;
+             cfg.num_heads = num_heads;
+             cfg.num_kv_heads = num_kv_heads;
+             cfg.vocab_size = vocab_size;
+             cfg.rms_norm_eps = rms_norm_eps;
+             cfg.max_positions = max_positions;
+             cfg.cross_attention_layers = std::move(cross_layers);
+             return std::make_unique<llama_mm::Engine>(weights, cfg, inv_freq);
+           }),
+           py::arg("weights"), py::arg("hidden_size"), py::arg("num_layers"), py::arg("num_heads"),
+           py::arg("num_kv_heads"), py::arg("vocab_size"), py::arg("rms_norm_eps"), py::arg("max_positions"),
+           py::arg("cross_attention_layers"), py::arg("inv_freq"))
+      .def("generate",
+           [](llama_mm::Engine& e, const at::Tensor& ids, const at::Tensor& mask,
+              const std::optional<at::Tensor>& vision, const std::optional<at::Tensor>& cross,
+              const std::optional<at::Tensor>& rows, int64_t max_new_tokens, const llama_mm::SamplingParams& sp,
+              const std::vector<int64_t>& stop_ids, int64_t pad_id, const std::optional<py::function>& on_step) {
+             llama_mm::StepCallback cb;
+             if (on_step) {
+               // Called from the loop without the GIL: take it only for the Python call.
+               py::function f = *on_step;
+               cb = [f](const at::Tensor& tokens) {
+                 py::gil_scoped_acquire gil;
+                 return f(tokens).cast<bool>();
+               };
+             }
+             py::gil_scoped_release release;
+             auto out = e.generate(ids, mask, vision, cross, rows, max_new_tokens, sp, stop_ids, pad_id, cb);
+             {
+               py::gil_scoped_acquire gil;
+               cb = nullptr;  // drop the Python reference with the GIL held
+             }
+             return out;
+           },
+           "Prefill + the decode loop (GIL released). Returns the new ids [B, N].", py::arg("input_ids"),
+           py::arg("attention_mask"), py::arg("vision_states"), py::arg("cross_mask"), py::arg("row_mask"),
+           py::arg("max_new_tokens"), py::arg("params"), py::arg("stop_ids"), py::arg("pad_id"),
+           py::arg("on_step") = py::none())
+      .def("start", &llama_mm::Engine::start, py::call_guard<py::gil_scoped_release>(), py::arg("input_ids"),
+           py::arg("attention_mask"), py::arg("vision_states"), py::arg("cross_mask"), py::arg("row_mask"),
+           py::arg("max_new_tokens"))
+      .def("step", &llama_mm::Engine::step, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"));
+}

@@ -1,0 +1,94 @@
+// What the CPU (cpp/) and CUDA (cuda/) implementations of the llama_mm ops share: argument checks (every message
+// starts with the op name and names the offending argument), the dtype dispatch, and the row view of inputs.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+// Run the lambda body with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes every op accepts).
+#define LLAMA_MM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                              \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                       \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace llama_mm {
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, "llama_mm.", op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", s);
+}
+
+// `t` must have the same dtype as `ref` (ref already checked).
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "llama_mm.", op, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// `ref` must be on a `type` device, `t` on the same device as `ref`.
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, c10::DeviceType type, const char* op,
+                         const char* name, const char* ref_name) {
+  TORCH_CHECK(ref.device().type() == type, "llama_mm.", op, ": ", ref_name, " must be a ", c10::Device(type),
+              " tensor for this implementation, got ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), "llama_mm.", op, ": ", name, " must be on the device of ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+// x [..., D], weight [D]
+inline void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, c10::DeviceType type) {
+  check_float_dtype(x, "rms_norm", "x");
+  TORCH_CHECK(x.dim() >= 1, "llama_mm.rms_norm: x must have at least 1 dim, got a 0-dim tensor");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "llama_mm.rms_norm: weight must have shape [",
+              x.size(-1), "] (the last dim of x ", x.sizes(), "), got ", weight.sizes());
+  check_same_dtype(weight, x, "rms_norm", "weight", "x");
+  check_device(weight, x, type, "rms_norm", "weight", "x");
+  TORCH_CHECK(eps >= 0.0, "llama_mm.rms_norm: eps must be >= 0, got ", eps);
+}
+
+// x [B, T, H, D] with D even, positions [B, T] int64, inv_freq [D/2] float32
+inline void check_rope_args(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq,
+                            c10::DeviceType type) {
+  check_float_dtype(x, "rope", "x");
+  TORCH_CHECK(x.dim() == 4, "llama_mm.rope: x must have shape [B, T, H, D], got ", x.sizes());
+  TORCH_CHECK(x.size(3) % 2 == 0, "llama_mm.rope: x's head dim D must be even, got ", x.size(3));
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == x.size(0) && positions.size(1) == x.size(1),
+              "llama_mm.rope: positions must have shape [B, T] = [", x.size(0), ", ", x.size(1), "], got ",
+              positions.sizes());
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "llama_mm.rope: positions must be int64, got ",
+              positions.scalar_type());
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == x.size(3) / 2,
+              "llama_mm.rope: inv_freq must have shape [D/2] = [", x.size(3) / 2, "], got ", inv_freq.sizes());
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat, "llama_mm.rope: inv_freq must be float32, got ",
+              inv_freq.scalar_type());
+  check_device(positions, x, type, "rope", "positions", "x");
+  check_device(inv_freq, x, type, "rope", "inv_freq", "x");
+}
+
+// gate [..., F], up [..., F] (same shape)
+inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, c10::DeviceType type) {
+  check_float_dtype(gate, "silu_mul", "gate");
+  TORCH_CHECK(up.sizes() == gate.sizes(), "llama_mm.silu_mul: up must have the shape of gate (", gate.sizes(),
+              "), got ", up.sizes());
+  check_same_dtype(up, gate, "silu_mul", "up", "gate");
+  check_device(up, gate, type, "silu_mul", "up", "gate");
+}
+
+// t [..., D] as [N, D] with unit stride along D: a view when the leading dims allow it, else a contiguous copy.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  at::Tensor r = t.reshape({-1, t.size(-1)});
+  return (r.size(1) <= 1 || r.stride(1) == 1) ? r : r.contiguous();
+}
+
+// `out` of an *_out variant: contiguous, with the shape, dtype and device of `like`.
+inline void check_out(const at::Tensor& out, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(out.sizes() == like.sizes(), "llama_mm.", op, ": out must have shape ", like.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == like.scalar_type(), "llama_mm.", op, ": out must have dtype ",
+              like.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == like.device(), "llama_mm.", op, ": out must be on ", like.device(), ", got ",
+              out.device());
+  TORCH_CHECK(out.is_contiguous(), "llama_mm.", op, ": out must be contiguous");
+}
+
+}  // namespace llama_mm

@@ -1,0 +1,27 @@
+// The llama_mm operator library: every op schema (declared once, here) and the CPU implementations.
+// CUDA implementations register themselves from cuda/*.cu.
+#include <torch/library.h>
+
+#include "attention.h"
+#include "gemv.h"
+#include "ops.h"
+
+TORCH_LIBRARY(llama_mm, m) {
+  // Fake (meta) implementations for tracing and torch.library.opcheck live in this Python module.
+  m.set_python_module("llama_mm.ops");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor positions, Tensor inv_freq) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, int length) -> Tensor");
+  m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
+  m.impl("rms_norm", &llama_mm::cpu::rms_norm);
+  m.impl("rope", &llama_mm::cpu::rope);
+  m.impl("silu_mul", &llama_mm::cpu::silu_mul);
+  m.impl("decode_attention", &llama_mm::cpu::decode_attention);
+  m.impl("cross_attention", &llama_mm::cpu::cross_attention);
+  m.impl("gemv", &llama_mm::cpu::gemv);
+}

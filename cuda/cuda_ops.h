@@ -1,0 +1,22 @@
+// CUDA kernels of the llama_mm ops, callable directly from C++ (the decode engine) without the dispatcher.
+// Same contracts as the CPU kernels in cpp/ops.h; each cuda/<op>.cu also registers its function as the CUDA
+// implementation of torch.ops.llama_mm.<op>. Kernels run on the current CUDA stream of x's device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace llama_mm::cuda {
+
+// x [..., D] (any strides), weight [D] -> [..., D] contiguous
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void rms_norm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// x [B, T, H, D] (any strides), positions [B, T] int64, inv_freq [D/2] float32 -> [B, T, H, D] contiguous
+at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq);
+void rope_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq);
+
+// gate, up [..., F] (any strides) -> silu(gate) * up, contiguous
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+void silu_mul_out(at::Tensor& out, const at::Tensor& gate, const at::Tensor& up);
+
+}  // namespace llama_mm::cuda
