@@ -1,7 +1,6 @@
 """The training loop on tiny random checkpoints: the loss against transformers' (the oracle), accumulation against a
 larger batch, exact resumption, gradient checkpointing against none, autocast, and bad data reported by line."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -251,4 +250,108 @@ def test_config_is_checked():
         TrainConfig(grad_accum=0)
     with pytest.raises(ValueError, match="autocast must be one of"):
         TrainConfig(autocast="int8")
-    shutil.rmtree  # noqa: B018 (imported for the end-to-end tests)
+
+
+# ------------------------------------------------------------------------------------------ end to end, from JSONL
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(ref, tmp_path_factory):
+    """The tiny checkpoint plus Llama-3.2-Vision-style tokenizer files (28-pixel tiles, as the tiny vision tower)."""
+    from tokenizer_fixture import write_tokenizer_files
+
+    directory = write_checkpoint(tmp_path_factory.mktemp("chat"), ref)
+    write_tokenizer_files(directory, vocab_size=ref.config.text_config.vocab_size)
+    pre = json.loads((directory / "preprocessor_config.json").read_text())
+    size = ref.config.vision_config.image_size
+    (directory / "preprocessor_config.json").write_text(json.dumps(dict(pre, size={"height": size, "width": size})))
+    return directory
+
+
+def colour_data(directory, n=6):
+    """JSONL of 'what colour is this?' rows; row 1 is a two-turn chat whose image comes in the second turn."""
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % 3]
+        write_png(directory / "img" / f"{i}.png", COLOURS[name])
+        rows.append({"images": [f"img/{i}.png"], "messages": chat(reply=name)})
+    write_png(directory / "img" / "wide.png", COLOURS["blue"])
+    rows[1] = {"images": ["img/wide.png"], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "hi there"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]},
+        {"role": "assistant", "content": "blue"}]}
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_labels_are_the_assistant_replies(chat_model_dir, tmp_path):
+    from llama_mm.processor import MllamaProcessor
+    from llama_mm.train import ChatDataset
+
+    processor = MllamaProcessor.from_pretrained(chat_model_dir)
+    dataset = ChatDataset(colour_data(tmp_path), processor)
+    for i, want in [(0, "red<|eot_id|>"), (1, "hi there<|eot_id|>blue<|eot_id|>"), (2, "blue<|eot_id|>")]:
+        row = dataset[i]
+        text = processor.apply_chat_template(dataset.examples[i].messages, add_generation_prompt=False)
+        image = Image.open(dataset.examples[i].images[0])
+        assert torch.equal(row["input_ids"], processor(images=[[image]], text=[text])["input_ids"])
+        labelled = row["labels"][0] != IGNORE
+        assert torch.equal(row["labels"][0][labelled], row["input_ids"][0][labelled])
+        assert processor.decode(row["labels"][0][labelled], skip_special_tokens=False) == want
+        assert set(row) == {"input_ids", "attention_mask", "labels", "pixel_values", "aspect_ratio_ids",
+                            "aspect_ratio_mask", "cross_attention_mask"}
+
+
+def test_finetune_from_jsonl(chat_model_dir, tmp_path):
+    from llama_mm.train import finetune
+
+    data = colour_data(tmp_path)
+    result = finetune(chat_model_dir, data, tmp_path / "out", epochs=8, lr=1e-2, batch_size=2, grad_accum=2, r=4,
+                      alpha=8, dropout=0.0, progress=False, log_every=1, save_every=4, device="cpu")
+    assert result.steps == 16 and (tmp_path / "out" / "checkpoint-4").is_dir()
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    print(f"loss {first:.3f} -> {last:.3f}, {result.history[-1]['tokens_per_s']:.0f} tokens/s")
+    assert last < 0.5 * first
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(chat_model_dir)
+    model = llama_mm.lora.load_adapter(llama_mm.load_model(chat_model_dir), tmp_path / "out")
+    assert len(lora_layers(model)) > 0
+
+
+def test_finetune_cli_arguments(chat_model_dir, tmp_path, capsys):
+    from llama_mm.cli import main
+
+    data = colour_data(tmp_path, n=3)
+    args = ["finetune", "--model", str(chat_model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "2", "--r", "2", "--target-modules", "q_proj,fc1", "--autocast", "bf16",
+            "--gradient-checkpointing", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert "after 2 steps" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and sorted(config["target_modules"]) == ["fc1", "q_proj"]
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["config"]["autocast"] == "bf16" and state["config"]["gradient_checkpointing"]
+
+    data.write_text(data.read_text() + "{oops\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "llama-mm finetune: error:" in err and "line 4: malformed JSON" in err
+
+
+def test_finetune_reports_bad_rows_before_loading(chat_model_dir, tmp_path):
+    from llama_mm.train import finetune
+
+    data = colour_data(tmp_path, n=3)
+    rows = data.read_text().splitlines()
+    rows[2] = rows[2].replace("img/2.png", "img/nope.png")
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: image .*nope.png' not found"):
+        finetune(chat_model_dir, data, tmp_path / "out", progress=False)
+    rows[2] = json.dumps({"images": ["img/0.png"], "messages": chat(reply="red " * 600)})  # > 512 positions
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: \d+ tokens, longer than the model's context of 512"):
+        finetune(chat_model_dir, data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

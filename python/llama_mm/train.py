@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,6 +600,10 @@ def main_finetune(argv: list[str] | None = None) -> int:
     """`llama-mm finetune ...`: parse argv, train, print where the adapter is."""
     parser = add_arguments(argparse.ArgumentParser(prog="llama-mm finetune",
                                                    description="LoRA fine-tuning on image + chat JSONL data"))
-    result = run_from_args(parser.parse_args(argv))
+    try:
+        result = run_from_args(parser.parse_args(argv))
+    except ValueError as e:  # bad data, config or checkpoint: the message says what and where
+        print(f"llama-mm finetune: error: {e}", file=sys.stderr)
+        return 2
     print(f"adapter written to {result.output_dir} after {result.steps} steps")
     return 0
