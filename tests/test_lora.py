@@ -3,6 +3,7 @@ randomised adapter weights so every adapter matters; merge/unmerge; gradients; s
 import hashlib
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,10 +12,10 @@ import llama_mm
 from checkpoints import build_reference, random_inputs, write_checkpoint
 from llama_mm.lora import (ALL_TARGETS, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter,
                            select_modules, unmerge_lora)
-from llama_mm.weights import canonical_name
+from llama_mm.weights import canonical_name, transformers_name
 from test_model import TOL, rel_diff
 
-peft = pytest.importorskip("peft")
+GRAD_TOL = 1e-4  # fp32 gradients: the same sums accumulated in another order measure ~1e-5 here
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_peft_to_ours(base_dir, tmp_path, rslora):
     pytest.param(["self_attn.q_proj"], id="dotted-suffix"),
     pytest.param(["cross_attn.o_proj", "fc2"], id="cross-and-vision"),
     pytest.param(r".*language_model.*\.(q_proj|v_proj)", id="regex"),
-    pytest.param(r"model\.vision_model\.global_transformer\.layers\.1\.(self_attn\..*|mlp\.fc\d)", id="regex-one-layer"),
+    pytest.param(r"model\.vision_model\.global_transformer\.layers\.1\.(self_attn\..*|mlp\.fc\d)",
+                 id="regex-one-layer"),
     pytest.param("all-linear", id="all-linear"),
 ])
 def test_same_modules_as_peft(base_dir, targets):
@@ -145,27 +147,26 @@ def test_only_lora_parameters_train(base_dir):
 
     ref = reference(base_dir)
     peft_model = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    peft_params = dict(peft_model.named_parameters())
+    pairs = {}  # ours -> PEFT's parameter ("...q_proj.lora_A.weight" -> "base_model.model....q_proj.lora_A.default.weight")
+    for name in trainable:
+        module, which = name.removesuffix(".weight").rsplit(".", 1)
+        key = "base_model.model." + transformers_name(module + ".weight").removesuffix(".weight")
+        pairs[name] = peft_params[f"{key}.{which}.default.weight"]
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():  # same adapter weights on both
+        for name, theirs in pairs.items():
+            theirs.copy_(ours_params[name])
     inputs = inputs_for(ref, seed=7)
     peft_model.train()
     ours.train()
-    with torch.no_grad():  # same adapter weights on both
-        peft_params = dict(peft_model.named_parameters())
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                module, which = name.rsplit(".lora_", 1)
-                key = "base_model.model." + llama_mm.weights.transformers_name(module + ".weight")[:-len(".weight")]
-                peft_params[f"{key}.lora_{which.replace('.weight', '')}.default.weight"].copy_(p)
     ours(**inputs).logits.pow(2).mean().backward()
     peft_model(**inputs).logits.pow(2).mean().backward()
 
-    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
-    assert set(grads) == trainable
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            module, which = name.rsplit(".lora_", 1)
-            key = "base_model.model." + llama_mm.weights.transformers_name(module + ".weight")[:-len(".weight")]
-            want = peft_params[f"{key}.lora_{which.replace('.weight', '')}.default.weight"].grad
-            assert rel_diff(want, p.grad) < 1e-4, name
+    assert {n for n, p in ours.named_parameters() if p.grad is not None} == trainable
+    worst = max(rel_diff(theirs.grad, ours_params[name].grad) for name, theirs in pairs.items())
+    print(f"max rel grad diff {worst:.2e}")
+    assert worst < GRAD_TOL
 
 
 @pytest.fixture
@@ -207,7 +208,8 @@ def test_missing_tensor(base_dir, saved_adapter):
 
 def test_wrong_rank(base_dir, saved_adapter):
     edit_config(saved_adapter, r=8)
-    expect_error(base_dir, saved_adapter, "shape mismatches", "r=8", f"{KEY}.lora_A.weight: file [4, 64] vs model [8, 64]")
+    expect_error(base_dir, saved_adapter, "shape mismatches", "r=8",
+                 f"{KEY}.lora_A.weight: file [4, 64] vs model [8, 64]")
 
 
 def test_unknown_module(base_dir, saved_adapter):

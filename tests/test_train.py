@@ -235,7 +235,8 @@ def test_bad_rows_are_reported_by_line(tmp_path):
     print(msg)
     assert "9 bad row(s)" in msg and "line 1:" not in msg and "line 4:" not in msg
     for fragment in ["line 2: image", "missing.png' not found", "line 3: malformed JSON",
-                     "line 5: messages[0] must be an object with 'role'", "line 6: 1 image part(s) in the messages but 0",
+                     "line 5: messages[0] must be an object with 'role'",
+                     "line 6: 1 image part(s) in the messages but 0",
                      "line 7: no assistant message", "line 8: messages[1].content[0]: assistant messages cannot hold",
                      "line 9: image", "broken.png' cannot be read", "line 10: messages[1].content[0]: a part must be",
                      "line 11: a row must be a JSON object"]:
@@ -303,6 +304,43 @@ def test_labels_are_the_assistant_replies(chat_model_dir, tmp_path):
         assert processor.decode(row["labels"][0][labelled], skip_special_tokens=False) == want
         assert set(row) == {"input_ids", "attention_mask", "labels", "pixel_values", "aspect_ratio_ids",
                             "aspect_ratio_mask", "cross_attention_mask"}
+
+
+@pytest.mark.parametrize("trim_offsets", [False, True])
+def test_label_tokens_against_prefix_tokenisation(chat_model_dir, trim_offsets):
+    """Labels from offsets = labels from tokenising the text up to each span boundary (an independent count),
+    including replies that start with a space and hold whitespace-only tokens, with offsets trimmed or not."""
+    from tokenizers import Tokenizer, processors
+
+    from llama_mm.train import label_tokens
+
+    tok = Tokenizer.from_file(str(chat_model_dir / "tokenizer.json"))
+    tok.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    head = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    parts = ["<|begin_of_text|>" + head, " a red  one\n\n  two<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"
+             "\n\n ok<|eot_id|>" + head, "three <|eot_id|>"]
+    text = "".join(parts)
+    bounds = [sum(len(p) for p in parts[:i]) for i in range(len(parts) + 1)]
+    spans = [(bounds[1], bounds[2]), (bounds[3], bounds[4])]
+    ids, labels = label_tokens(tok, text, spans)
+    count = [len(tok.encode(text[:b], add_special_tokens=False).ids) for b in bounds]
+    assert count[-1] == len(ids)  # every boundary falls between tokens here
+    want = [t if count[1] <= i < count[2] or count[3] <= i < count[4] else IGNORE for i, t in enumerate(ids)]
+    assert labels == want and sum(lab != IGNORE for lab in labels) > 8
+
+
+def test_label_tokens_with_trimmed_empty_tokens():
+    """Hand-made offsets as a trimming tokenizer reports them: whitespace tokens are empty at their end."""
+    from types import SimpleNamespace
+
+    from llama_mm.train import label_tokens
+
+    # text "H:  ab c" with the reply span [4, 8) = "ab c"; tokens: "H", ":", "  " (empty at 4), "ab", " " (empty at
+    # 7), "c"
+    offsets = [(0, 1), (1, 2), (4, 4), (4, 6), (7, 7), (7, 8)]
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens: SimpleNamespace(ids=[10, 11, 12, 13, 14, 15],
+                                                                               offsets=offsets))
+    assert label_tokens(tok, "H:  ab c", [(4, 8)])[1] == [IGNORE, IGNORE, IGNORE, 13, 14, 15]
 
 
 def test_finetune_from_jsonl(chat_model_dir, tmp_path):

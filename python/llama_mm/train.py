@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .lora import DEFAULT_TARGETS, apply_lora, load_adapter, lora_layers, save_adapter
+from .lora import DEFAULT_TARGETS, apply_lora, load_adapter, save_adapter
 from .weights import read_safetensors
 
 IGNORE = -100  # label of tokens that are not trained on
@@ -215,10 +215,13 @@ def assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[in
 
 def label_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Token ids of `text` (no special tokens added) and labels: the id for a token that starts inside an assistant
-    span, else IGNORE."""
+    span, else IGNORE.
+
+    A tokenizer that trims offsets (ByteLevel trim_offsets) reports a whitespace-only token as empty at its end: one
+    empty at a span's start began before it (the header's whitespace), one empty further in belongs to the reply."""
     enc = tokenizer.encode(text, add_special_tokens=False)
-    labels = [tid if any(a <= start < b for a, b in spans) else IGNORE
-              for tid, (start, _) in zip(enc.ids, enc.offsets)]
+    labels = [tid if any(a <= start < b and (start < end or start > a) for a, b in spans) else IGNORE
+              for tid, (start, end) in zip(enc.ids, enc.offsets)]
     return enc.ids, labels
 
 
