@@ -16,6 +16,12 @@
 
 #include "sampling.h"
 
+#ifdef LLAMA_MM_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#endif
+
+#include <memory>
+
 namespace llama_mm {
 
 struct EngineConfig {
@@ -60,7 +66,8 @@ class Engine {
     at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
   };
   at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, int64_t T);
+  at::Tensor prefill(const at::Tensor& x, const at::Tensor& positions);
+  void decode_body();
 
   EngineConfig cfg_;
   std::vector<Layer> layers_;
@@ -71,10 +78,17 @@ class Engine {
   std::vector<at::Tensor> cross_k_, cross_v_;      // per layer (undefined for self layers / text only)
   at::Tensor key_valid_;                           // [B, S_max] bool
   at::Tensor self_mask_, cross_mask_, row_mask_;   // prefill: [B,1,T,T], [B,1,T,S], [B,T,1]
-  at::Tensor step_cross_mask_, step_row_mask_;     // decode: [B, S], [B, 1]
-  at::Tensor next_pos_;                            // [B, 1] int64
-  int64_t length_ = 0, capacity_ = 0;
+  at::Tensor step_cross_mask_, step_row_mask_;     // decode: [B, S], [B, 1, 1]
+  // Decode-step state in tensors on the weights' device, advanced in place by decode_body().
+  at::Tensor next_pos_;                            // [B, 1] int64: positions of the next tokens
+  at::Tensor slot_, attn_len_;                     // [1] int64: cache slot to write, slots to attend to
+  at::Tensor tokens_, logits_;                     // [B] int64 in, [B, V] out
+  int64_t length_ = 0, capacity_ = 0;              // host copy of the filled cache length, and its size
   bool has_image_ = false;
+#ifdef LLAMA_MM_WITH_CUDA
+  std::unique_ptr<at::cuda::CUDAGraph> graph_;     // the captured decode step (CUDA)
+  bool warmed_up_ = false;
+#endif
 };
 
 }  // namespace llama_mm
