@@ -130,6 +130,7 @@ def attend_with_padding(q, k, v, pad) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v)
     if not bool(pad.any()):
         return out
+    differentiable = torch.is_grad_enabled() and q.requires_grad
     rows_out = []
     for b in range(q.shape[0]):
         rows = pad[b].nonzero().squeeze(1)
@@ -138,8 +139,11 @@ def attend_with_padding(q, k, v, pad) -> torch.Tensor:
             continue
         mask = torch.zeros(pad.shape[1], dtype=q.dtype, device=q.device).masked_fill(pad[b], torch.finfo(q.dtype).min)
         sub = F.scaled_dot_product_attention(q[b, :, rows], k[b], v[b], attn_mask=mask)  # (H, rows, D)
-        rows_out.append(out[b].index_copy(1, rows, sub))
-    return torch.stack(rows_out)
+        if differentiable:
+            rows_out.append(out[b].index_copy(1, rows, sub))
+        else:
+            out[b].index_copy_(1, rows, sub)  # no copy of the whole output when nothing needs gradients
+    return torch.stack(rows_out) if differentiable else out
 
 
 class VisionModel(nn.Module):
