@@ -55,8 +55,9 @@ at::Scalar lowest(at::ScalarType t) {
   }
 }
 
-// Linear layer: the streaming matrix-vector kernel for the decode step's few rows on the CPU, else at::linear.
-at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
+// Matrix product with a weight: the streaming matrix-vector kernel for the decode step's few rows on the CPU,
+// else at::linear.
+at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w) {
   return cpu::gemv_applies(x, w) ? cpu::gemv(x, w) : at::linear(x, w);
 }
 
@@ -65,6 +66,34 @@ const at::Tensor& get(const std::unordered_map<std::string, at::Tensor>& w, cons
   TORCH_CHECK_VALUE(it != w.end(), "Engine: weight '", name, "' is missing");
   return it->second;
 }
+
+}  // namespace
+
+// `module` without ".weight"; picks up an unmerged LoRA adapter when the weights hold one.
+Engine::Linear Engine::linear(const std::unordered_map<std::string, at::Tensor>& w, const std::string& module) {
+  Linear lin{get(w, module + ".weight"), {}, {}};
+  const auto a = w.find(module + ".lora_A.weight"), b = w.find(module + ".lora_B.weight");
+  TORCH_CHECK_VALUE((a == w.end()) == (b == w.end()), "Engine: ", module, " has only one of lora_A / lora_B");
+  if (a != w.end()) {
+    TORCH_CHECK_VALUE(a->second.dim() == 2 && b->second.dim() == 2 && a->second.size(1) == lin.w.size(1) &&
+                          b->second.size(0) == lin.w.size(0) && b->second.size(1) == a->second.size(0),
+                      "Engine: LoRA shapes of ", module, " (A ", a->second.sizes(), ", B ", b->second.sizes(),
+                      ") do not fit its weight ", lin.w.sizes());
+    lin.lora_a = a->second;
+    lin.lora_b = b->second;
+  }
+  return lin;
+}
+
+// y = x W^T (+ the LoRA update in float32, rounded once to x's dtype, as the PyTorch LoraLinear does).
+at::Tensor Engine::project(const at::Tensor& x, const Linear& l) {
+  auto y = matmul_t(x, l.w);
+  if (!l.lora_a.defined()) return y;
+  auto xf = x.to(l.lora_a.scalar_type());
+  return y + matmul_t(matmul_t(xf, l.lora_a), l.lora_b).to(y.scalar_type());
+}
+
+namespace {
 
 }  // namespace
 
@@ -90,15 +119,15 @@ Engine::Engine(const std::unordered_map<std::string, at::Tensor>& w, EngineConfi
     const std::string a = layer.cross ? l + "cross_attn." : l + "self_attn.";
     layer.input_norm = get(w, l + "input_layernorm.weight");
     layer.post_norm = get(w, l + "post_attention_layernorm.weight");
-    layer.wq = get(w, a + "q_proj.weight");
-    layer.wk = get(w, a + "k_proj.weight");
-    layer.wv = get(w, a + "v_proj.weight");
-    layer.wo = get(w, a + "o_proj.weight");
-    layer.w_gate = get(w, l + "mlp.gate_proj.weight");
-    layer.w_up = get(w, l + "mlp.up_proj.weight");
-    layer.w_down = get(w, l + "mlp.down_proj.weight");
-    for (const auto* t : {&layer.input_norm, &layer.post_norm, &layer.wq, &layer.wk, &layer.wv, &layer.wo,
-                          &layer.w_gate, &layer.w_up, &layer.w_down})
+    layer.wq = linear(w, a + "q_proj");
+    layer.wk = linear(w, a + "k_proj");
+    layer.wv = linear(w, a + "v_proj");
+    layer.wo = linear(w, a + "o_proj");
+    layer.w_gate = linear(w, l + "mlp.gate_proj");
+    layer.w_up = linear(w, l + "mlp.up_proj");
+    layer.w_down = linear(w, l + "mlp.down_proj");
+    for (const auto* t : {&layer.input_norm, &layer.post_norm, &layer.wq.w, &layer.wk.w, &layer.wv.w, &layer.wo.w,
+                          &layer.w_gate.w, &layer.w_up.w, &layer.w_down.w})
       TORCH_CHECK_VALUE(t->device() == embed_.device() && t->scalar_type() == embed_.scalar_type(),
                         "Engine: layer ", i, " weights must share the embedding's device and dtype");
     if (layer.cross) {
@@ -173,7 +202,7 @@ void Engine::decode_body() {
       x = x + mlp(l, rms_norm(x, l.post_norm, eps));
     }
   }
-  logits_.copy_(project(rms_norm(x.select(1, 0), final_norm_, eps), lm_head_));
+  logits_.copy_(matmul_t(rms_norm(x.select(1, 0), final_norm_, eps), lm_head_));
   slot_.add_(1);
   attn_len_.add_(1);
   next_pos_.add_(1);
@@ -256,7 +285,7 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   auto x = prefill(at::embedding(embed_, input_ids.to(dev)), positions);  // (B, T, C)
   length_ = T;
   auto last = rms_norm(x.select(1, T - 1), final_norm_, cfg_.rms_norm_eps);  // (B, C)
-  return project(last, lm_head_);
+  return matmul_t(last, lm_head_);
 }
 
 at::Tensor Engine::step(const at::Tensor& tokens) {

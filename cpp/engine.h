@@ -37,7 +37,8 @@ using StepCallback = std::function<bool(const at::Tensor&)>;
 
 class Engine {
  public:
-  // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`);
+  // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`); an
+  // unmerged LoRA adapter adds `<module>.lora_A.weight` and `<module>.lora_B.weight` (B scaled) for its modules;
   // inv_freq [head_dim / 2] float32 (rope frequencies, llama3-scaled as the config says).
   Engine(const std::unordered_map<std::string, at::Tensor>& weights, EngineConfig cfg, at::Tensor inv_freq);
 
@@ -60,11 +61,19 @@ class Engine {
   const EngineConfig& config() const { return cfg_; }
 
  private:
+  // A linear layer's weight [out, in], and optionally an unmerged LoRA adapter: y = x W^T + (x A^T) B^T with
+  // A [r, in] and B [out, r] already multiplied by the adapter's scaling (float32).
+  struct Linear {
+    at::Tensor w, lora_a, lora_b;
+  };
   struct Layer {
     bool cross = false;
-    at::Tensor input_norm, wq, wk, wv, wo, post_norm, w_gate, w_up, w_down;
+    at::Tensor input_norm, post_norm;
+    Linear wq, wk, wv, wo, w_gate, w_up, w_down;
     at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
   };
+  static Linear linear(const std::unordered_map<std::string, at::Tensor>& w, const std::string& module);
+  static at::Tensor project(const at::Tensor& x, const Linear& l);
   at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
   at::Tensor prefill(const at::Tensor& x, const at::Tensor& positions);
   void decode_body();

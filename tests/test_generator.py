@@ -167,3 +167,40 @@ def test_cli_generate_stats_and_backends(ckpt, images, tmp_path, capsys):
 def test_cli_reports_bad_input(ckpt, capsys):
     assert cli.main(["generate", "--model", str(ckpt[0]), "--prompt", "x", "--top-p", "3"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(ckpt, tmp_path_factory):
+    from llama_mm.lora import apply_lora, save_adapter
+
+    model = llama_mm.load_model(ckpt[0])
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: randomise so the adapter changes the output
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_generator_with_adapter_matches_peft(ckpt, adapter_dir, images, merge):
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    d, ref = ckpt
+    gen = llama_mm.Generator(d, adapter=adapter_dir, merge_adapter=merge)
+    inputs = gen.request_inputs("A picture of", [images[0]])
+    ours = gen.generate_ids(inputs, 24, temperature=0)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(ref), adapter_dir).eval()
+    proc = AutoProcessor.from_pretrained(d)
+    hf_inputs = proc(images=[[images[0]]], text=["<|image|>A picture of"], return_tensors="pt")
+    with torch.no_grad():
+        theirs = peft_model.generate(**hf_inputs, max_new_tokens=24, do_sample=False,
+                                     pad_token_id=proc.tokenizer.pad_token_id)[:, hf_inputs["input_ids"].shape[1]:]
+        plain = ref.generate(**hf_inputs, max_new_tokens=24, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)[:, hf_inputs["input_ids"].shape[1]:]
+    assert not torch.equal(theirs, plain)  # the adapter matters
+    assert torch.equal(ours[:, :theirs.shape[1]], theirs)
