@@ -5,9 +5,9 @@ Model: a random checkpoint shaped like the real text stack at reduced width (voc
 4 KV heads, MLP 4096, 10 layers, cross-attention at 3 and 8; ~450M parameters) with a small vision tower at the
 real image geometry (560 px tiles, patch 14: 1601 tokens per tile), one 4-tile image, batch 1.
 
-Both implementations are loaded side by side and timed alternately (best of N each), so both see the same machine
-load. Reports decode ms/token (the time of N tokens minus the time of 1, over N - 1), time to first token, and
-effective bandwidth (bytes of weights read per decode step /
+Both implementations are loaded side by side and run alternately (best of N each), so both see the same machine
+load. Each run timestamps every token (transformers through its streamer, llama_mm through the step callback):
+time to first token, and decode ms/token = (last - first) / (tokens - 1). Also reports effective bandwidth (bytes of weights read per decode step /
 step time) next to the machine's measured memory read bandwidth. Writes bench/results/decode_cpu.json.
 
     python bench/bench_decode.py [--new-tokens 32] [--repeats 3] [--out bench/results/decode_cpu.json]
@@ -56,18 +56,48 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def timed_pair(a, b, repeats: int) -> tuple[float, float]:
-    """Best-of-N wall time of two callables, run alternately so both see the same machine load."""
-    a(), b()  # warm-up
-    best_a = best_b = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a()
-        best_a = min(best_a, time.perf_counter() - t)
-        t = time.perf_counter()
-        b()
-        best_b = min(best_b, time.perf_counter() - t)
-    return best_a, best_b
+class Clock:
+    """Token timestamps: time to first token and decode seconds per token from a single run."""
+
+    def __init__(self):
+        self.start, self.stamps = time.perf_counter(), []
+
+    def tick(self, *_):
+        self.stamps.append(time.perf_counter())
+        return False
+
+    def result(self) -> tuple[float, float]:
+        ttft = self.stamps[0] - self.start
+        return ttft, (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+
+class HFStreamer:
+    """transformers' streamer protocol: put() gets the prompt once, then each new token."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.prompt_seen = clock, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.clock.tick()
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def best_of_alternating(runs: dict, repeats: int) -> dict:
+    """runs: name -> callable(Clock). Runs them in turn `repeats` times (plus a warm-up) so all see the same load;
+    best time to first token and best decode time per token of each."""
+    best = {name: [float("inf"), float("inf")] for name in runs}
+    for r in range(repeats + 1):
+        for name, run in runs.items():
+            clock = Clock()
+            run(clock)
+            ttft, per_token = clock.result()
+            if r:  # the first round warms up
+                best[name] = [min(best[name][0], ttft), min(best[name][1], per_token)]
+    return best
 
 
 def decode_bytes(model, vision_tokens: int, context: int) -> int:
@@ -108,10 +138,10 @@ def main():
                          "prompt_tokens": args.prompt_tokens, "new_tokens": N},
                "read_bandwidth_GBps": round(read_bandwidth(), 2), "runs": []}
 
-    def hf_run(model, n):
+    def hf_run(model, n, streamer=None):
         with torch.inference_mode():
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=TEXT["pad_token_id"])
+                                  pad_token_id=TEXT["pad_token_id"], streamer=streamer)
 
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, ref)
@@ -121,14 +151,15 @@ def main():
             hf = MllamaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).eval()
             model = llama_mm.load_model(tmp, dtype=dtype)
             engine = Engine(model)
-            hf_ttft, ttft = timed_pair(lambda: hf_run(hf, 1), lambda: engine.run(inputs, 1), args.repeats)
-            hf_total, total = timed_pair(lambda: hf_run(hf, N), lambda: engine.run(inputs, N), args.repeats)
+            best = best_of_alternating({
+                "transformers": lambda c: hf_run(hf, N, HFStreamer(c)),
+                "llama_mm": lambda c: engine.run(inputs, N, on_tokens=c.tick),
+            }, args.repeats)
+            (hf_ttft, hf_decode), (ttft, decode) = best["transformers"], best["llama_mm"]
             hf_tokens = hf_run(hf, N)[:, inputs["input_ids"].shape[1]:]
             tokens = engine.run(inputs, N)
             step_bytes = decode_bytes(model, vision_tokens, args.prompt_tokens + N // 2)
             del hf, model, engine
-            hf_decode = (hf_total - hf_ttft) / (N - 1)
-            decode = (total - ttft) / (N - 1)
             run = {
                 "dtype": dtype_name,
                 "transformers": {"ttft_s": round(hf_ttft, 4), "decode_ms_per_token": round(hf_decode * 1e3, 2),

@@ -46,6 +46,12 @@ template <typename T>
 inline const float* as_float(const T* src, float* scratch, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // bfloat16 is the top half of a float32: a shift the compiler vectorises
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(scratch);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+    return scratch;
   } else {
     for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
     return scratch;

@@ -202,7 +202,12 @@ void Engine::decode_body() {
       x = x + mlp(l, rms_norm(x, l.post_norm, eps));
     }
   }
-  logits_.copy_(matmul_t(rms_norm(x.select(1, 0), final_norm_, eps), lm_head_));
+  auto logits = matmul_t(rms_norm(x.select(1, 0), final_norm_, eps), lm_head_);  // (B, V)
+  if (logits_.is_cuda()) {
+    logits_.copy_(logits);  // a captured graph writes into its static buffer
+  } else {
+    logits_ = logits;
+  }
   slot_.add_(1);
   attn_len_.add_(1);
   next_pos_.add_(1);

@@ -35,12 +35,12 @@ inline __m512 load16(const at::Half* p) {
 }
 #endif
 
-// Rows [n0, n1) of y (float32, [B, N]) from x (float32, [B, K]) and w (T, [N, K], rows contiguous). Each thread
+// Rows [n0, n1) of y (T, [B, N], each value rounded once from its float32 sum) from x (T, [B, K], contiguous) and
+// w (T, [N, K], rows contiguous); both widened to float32 in registers. Each thread
 // walks its block of weight rows front to back, one row after the other: a single sequential stream that the
 // hardware prefetcher follows (interleaving short rows defeats it); x stays in L1 across rows.
 template <typename T, int B>
-void gemv_rows(const float* x, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0, int64_t n1,
-               float* y) {
+void gemv_rows(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * w_stride;
     float sums[B];
@@ -50,19 +50,19 @@ void gemv_rows(const float* x, const T* w, int64_t w_stride, int64_t K, int64_t 
       // four independent accumulators hide the FMA latency
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(load16(wr + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(load16(wr + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(load16(wr + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+        a0 = _mm512_fmadd_ps(load16(wr + k), load16(x + k), a0);
+        a1 = _mm512_fmadd_ps(load16(wr + k + 16), load16(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(load16(wr + k + 32), load16(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(load16(wr + k + 48), load16(x + k + 48), a3);
       }
-      for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(x + k), a0);
+      for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(wr + k), load16(x + k), a0);
       sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     } else {
       __m512 acc[B];
       for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
       for (; k + 16 <= K; k += 16) {
         const __m512 wv = load16(wr + k);
-        for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * K + k), acc[b]);
+        for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, load16(x + b * K + k), acc[b]);
       }
       for (int b = 0; b < B; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
     }
@@ -71,15 +71,15 @@ void gemv_rows(const float* x, const T* w, int64_t w_stride, int64_t K, int64_t 
 #endif
     for (; k < K; ++k) {
       const float wk = widen(wr[k]);
-      for (int b = 0; b < B; ++b) sums[b] += wk * x[b * K + k];
+      for (int b = 0; b < B; ++b) sums[b] += wk * widen(x[b * K + k]);
     }
-    for (int b = 0; b < B; ++b) y[b * N + n] = sums[b];
+    for (int b = 0; b < B; ++b) y[b * N + n] = static_cast<T>(sums[b]);
   }
 }
 
 template <typename T>
-void gemv_dispatch(const float* x, int64_t B, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                   float* y) {
+void gemv_dispatch(const T* x, int64_t B, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                   T* y) {
   switch (B) {
     case 1: return gemv_rows<T, 1>(x, w, ws, K, N, n0, n1, y);
     case 2: return gemv_rows<T, 2>(x, w, ws, K, N, n0, n1, y);
@@ -112,15 +112,15 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   const int64_t K = w.size(1), N = w.size(0);
   const int64_t B = x_in.numel() / std::max<int64_t>(1, K);
   TORCH_CHECK(B <= kMaxRows, "gemv: at most ", kMaxRows, " rows, got ", B);
-  auto x = x_in.reshape({B, K}).to(at::kFloat).contiguous();
-  auto y = at::empty({B, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  auto x = x_in.reshape({B, K}).contiguous();
+  auto y = at::empty({B, N}, x_in.options());  // written in the output dtype: no conversion pass afterwards
   // at least ~64 KiB of weights per task; parallel_for gives each thread one contiguous block of rows
   const int64_t grain = std::max<int64_t>(1, 64 * 1024 / (K * w.element_size()));
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* wp = w.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       gemv_dispatch<T>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
     });
@@ -133,7 +133,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   }
   auto out_sizes = x_in.sizes().vec();
   out_sizes.back() = N;
-  return y.to(x_in.scalar_type()).view(out_sizes);
+  return y.view(out_sizes);
 }
 
 }  // namespace llama_mm::cpu
