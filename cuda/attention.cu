@@ -55,7 +55,9 @@ struct AttnArgs {
 // Slots to attend to: the device-side length clamped to [1, S] (it cannot be checked on the host without a sync;
 // the clamp keeps every read inside the cache), or all S.
 __device__ __forceinline__ int64_t live_length(const int64_t* length, int64_t S) {
-  return length ? min(max(*length, int64_t{1}), S) : S;
+  if (!length) return S;
+  const int64_t n = *length;
+  return n < 1 ? 1 : n > S ? S : n;
 }
 
 template <typename T, int kVec>
@@ -104,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   const int64_t len = live_length(a.length, a.S);
   const int64_t s0 = static_cast<int64_t>(split) * a.chunk;
   if (s0 >= len) return;  // past the length: nothing to do (the grid is sized for the whole cache)
-  const int n = static_cast<int>(min(static_cast<int64_t>(a.chunk), len - s0));  // keys in this chunk
+  const int n = static_cast<int>(len - s0 < a.chunk ? len - s0 : a.chunk);  // keys in this chunk
   const int h0 = kv_head * a.G + tile * kG;  // first query head of the block
   const int gn = min(kG, a.G - tile * kG);   // query heads in the block
   const int P = a.D / kVec;                  // packs per row
@@ -182,11 +184,14 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   block_reduce<kG, true>(m, red);
 #pragma unroll
   for (int g = 0; g < kG; ++g) l[g] = 0.0f;
+  float shift[kG];  // the max, or 0 for a chunk of -inf scores (an additive -inf mask): weights 0, not NaN
+#pragma unroll
+  for (int g = 0; g < kG; ++g) shift[g] = m[g] == -INFINITY ? 0.0f : m[g];
   for (int j = threadIdx.x; j < n; j += kThreads)
 #pragma unroll
     for (int g = 0; g < kG; ++g)
       if (g < gn) {
-        const float e = expf(smem[g * a.chunk + j] - m[g]);
+        const float e = expf(smem[g * a.chunk + j] - shift[g]);
         smem[g * a.chunk + j] = e;
         l[g] += e;
       }
@@ -290,13 +295,14 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const float* __restri
   float total[1] = {0.0f};
   for (int i = threadIdx.x; i < live; i += kThreads) {
     weight[i] = expf(m[i] - mx[0]);
-    total[0] += weight[i] * l[i];
+    if (weight[i] != 0.0f) total[0] += weight[i] * l[i];
   }
   block_reduce<1, false>(total, red);  // synchronises: the weights are visible to all
   const float inv = 1.0f / total[0];
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float o = 0.0f;
-    for (int i = 0; i < live; ++i) o += weight[i] * ws_out[(row * splits + i) * D + d];
+    for (int i = 0; i < live; ++i)  // a split of zero weight is skipped, as the CPU kernel skips p == 0 keys
+      if (weight[i] != 0.0f) o += weight[i] * ws_out[(row * splits + i) * D + d];
     out[row * D + d] = static_cast<T>(o * inv);
   }
 }
@@ -308,16 +314,6 @@ void launch_split(const AttnArgs& a, int64_t B, int64_t Hkv, cudaStream_t stream
   const size_t smem = sizeof(float) * std::max<size_t>(size_t{kG} * a.chunk, size_t{kWarps} * kG * a.D);
   attention_kernel<T, kVec, kG><<<grid, kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int kVec>
-void launch_vec(const AttnArgs& a, int kG, int64_t B, int64_t Hkv, cudaStream_t stream) {
-  switch (kG) {
-    case 1: launch_split<T, kVec, 1>(a, B, Hkv, stream); break;
-    case 2: launch_split<T, kVec, 2>(a, B, Hkv, stream); break;
-    case 4: launch_split<T, kVec, 4>(a, B, Hkv, stream); break;
-    default: launch_split<T, kVec, 8>(a, B, Hkv, stream); break;
-  }
 }
 
 // Streaming multiprocessors of a device, queried once per device (then safe to call during graph capture).
@@ -359,20 +355,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 void attend(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* key_valid,
             int64_t valid_sb, const float* mask, const int64_t* length, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2), G = H / Hkv;
-  int kg = 1;  // query heads per block: G rounded up to 1, 2, 4 or 8 (a tile of 8 for larger groups)
-  while (kg < G && kg < 8) kg *= 2;
-  const int64_t head_tiles = ceil_div(G, kg);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
-
-  // Splits: enough blocks for a few per SM (batch-1 decode fills the GPU), chunks of kMinChunk..kMaxChunk slots.
-  const int64_t units = B * Hkv * head_tiles;
-  const int64_t want = std::clamp<int64_t>(ceil_div(4 * sm_count(q.device().index()), units), 1,
-                                           ceil_div(S, kMinChunk));
-  const int64_t chunk = std::min<int64_t>(kMaxChunk, ceil_div(ceil_div(S, want), 32) * 32);
-  const int64_t splits = ceil_div(S, chunk);
-  TORCH_CHECK(Hkv * head_tiles <= 65535, "llama_mm.", op, ": too many kv heads for the CUDA kernel: ", Hkv);
-
   AttnArgs a{};
   a.q = q.const_data_ptr();
   a.q_sb = q.stride(0), a.q_sh = q.stride(1);
@@ -385,17 +369,7 @@ void attend(const char* op, const at::Tensor& q, const at::Tensor& k, const at::
   a.out = out.mutable_data_ptr();
   a.S = S;
   a.H = static_cast<int>(H), a.G = static_cast<int>(G), a.D = static_cast<int>(D);
-  a.chunk = static_cast<int>(chunk), a.splits = static_cast<int>(splits), a.head_tiles = static_cast<int>(head_tiles);
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::Tensor ws_out, ws_stats;
-  if (splits > 1) {
-    const auto fopts = q.options().dtype(at::kFloat);
-    ws_out = at::empty({B, H, splits, D}, fopts);
-    ws_stats = at::empty({2, B, H, splits}, fopts);
-    a.ws_out = ws_out.mutable_data_ptr<float>();
-    a.ws_max = ws_stats[0].mutable_data_ptr<float>();
-    a.ws_sum = ws_stats[1].mutable_data_ptr<float>();
-  }
 
   LLAMA_MM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "llama_mm.attention.cuda", [&] {
     constexpr int kVec = kPackElems<scalar_t>;
@@ -404,16 +378,46 @@ void attend(const char* op, const at::Tensor& q, const at::Tensor& k, const at::
                             a.k_sh % kVec == 0 && a.k_ss % kVec == 0 && a.v_sb % kVec == 0 &&
                             a.v_sh % kVec == 0 && a.v_ss % kVec == 0;
     const int64_t packs = vectorized ? D / kVec : D;
-    int lanes = 1;  // threads per key row: the packs of a row, rounded up to a power of two, at most a warp
-    while (lanes < packs && lanes < 32) lanes *= 2;
-    a.lanes = lanes;
+    a.lanes = 1;  // threads per key row: the packs of a row, rounded up to a power of two, at most a warp
+    while (a.lanes < packs && a.lanes < 32) a.lanes *= 2;
+    // query heads per block: G rounded up to 1, 2, 4 or 8 (tiles of 8 for larger groups); the scalar-load
+    // fallback (unaligned or odd head_dim) always uses tiles of 8, which keeps the number of kernels down
+    int kg = 8;
     if (vectorized) {
-      launch_vec<scalar_t, kVec>(a, kg, B, Hkv, stream);
-    } else {
-      launch_vec<scalar_t, 1>(a, kg, B, Hkv, stream);
+      kg = 1;
+      while (kg < G && kg < 8) kg *= 2;
     }
-    if (splits > 1) {
-      combine_kernel<scalar_t><<<static_cast<unsigned>(B * H), kThreads, sizeof(float) * splits, stream>>>(
+    a.head_tiles = static_cast<int>(ceil_div(G, kg));
+    TORCH_CHECK(Hkv * a.head_tiles <= 65535, "llama_mm.", op, ": too many kv heads for the CUDA kernel: ", Hkv);
+
+    // Splits: enough blocks for a few per SM (batch-1 decode fills the GPU), chunks of kMinChunk..kMaxChunk slots.
+    const int64_t units = B * Hkv * a.head_tiles;
+    const int64_t want = std::clamp<int64_t>(ceil_div(4 * sm_count(q.device().index()), units), 1,
+                                             ceil_div(S, kMinChunk));
+    a.chunk = static_cast<int>(std::min<int64_t>(kMaxChunk, ceil_div(ceil_div(S, want), 32) * 32));
+    a.splits = static_cast<int>(ceil_div(S, a.chunk));
+    at::Tensor ws_out, ws_stats;
+    if (a.splits > 1) {
+      const auto fopts = q.options().dtype(at::kFloat);
+      ws_out = at::empty({B, H, a.splits, D}, fopts);
+      ws_stats = at::empty({2, B, H, a.splits}, fopts);
+      a.ws_out = ws_out.mutable_data_ptr<float>();
+      a.ws_max = ws_stats[0].mutable_data_ptr<float>();
+      a.ws_sum = ws_stats[1].mutable_data_ptr<float>();
+    }
+
+    if (vectorized) {
+      switch (kg) {
+        case 1: launch_split<scalar_t, kVec, 1>(a, B, Hkv, stream); break;
+        case 2: launch_split<scalar_t, kVec, 2>(a, B, Hkv, stream); break;
+        case 4: launch_split<scalar_t, kVec, 4>(a, B, Hkv, stream); break;
+        default: launch_split<scalar_t, kVec, 8>(a, B, Hkv, stream); break;
+      }
+    } else {
+      launch_split<scalar_t, 1, 8>(a, B, Hkv, stream);
+    }
+    if (a.splits > 1) {
+      combine_kernel<scalar_t><<<static_cast<unsigned>(B * H), kThreads, sizeof(float) * a.splits, stream>>>(
           a.ws_out, a.ws_max, a.ws_sum, length, S, a.chunk, a.splits, a.D, out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -223,6 +223,19 @@ def test_decode_attention_length_is_clamped_to_the_cache():
     assert torch.equal(run(51), run(50)) and torch.equal(run(10**9), run(50))
 
 
+def test_decode_attention_never_reads_masked_slots_into_the_result():
+    """Masked slots (left padding) holding NaN leave the output untouched, as in the CPU kernel, which skips
+    zero-weight keys: here whole chunks of the cache are masked."""
+    q, kc, vc = random_cache(2, 32, 8, 5000, 128, torch.bfloat16, seed=16)
+    valid = torch.ones(2, 5000, dtype=torch.bool, device=DEV)
+    valid[0, :3000] = False
+    length = torch.tensor([4321], device=DEV)
+    clean = torch.ops.llama_mm.decode_attention(q, kc, vc, valid, length)
+    kc[0, :, :3000], vc[0, :, :3000] = float("nan"), float("nan")
+    dirty = torch.ops.llama_mm.decode_attention(q, kc, vc, valid, length)
+    assert torch.equal(clean, dirty)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_matches_cpu_kernel(dtype):
     q, kc, vc = random_cache(2, 32, 8, 600, 128, dtype, seed=11)
@@ -254,6 +267,17 @@ def test_cross_attention(dtype, B, H, Hkv, tiles, D):
         torch.finfo(dtype).min).to(dtype)), dtype)
     no_mask = torch.ops.llama_mm.cross_attention(q, k, v, None)
     check_attention("cross_attention no mask", no_mask, attention_ref(q, k, v, torch.zeros(B, S, device=DEV)), dtype)
+
+
+def test_cross_attention_minus_inf_mask():
+    """An additive -inf mask (as SDPA users write it) over whole chunks of keys: those keys get no weight."""
+    g = torch.Generator(DEV).manual_seed(17)
+    q, k, v = (torch.randn(shape, generator=g, device=DEV) for shape in ((1, 32, 128), (1, 8, 3 * 1601, 128),
+                                                                          (1, 8, 3 * 1601, 128)))
+    mask = torch.zeros(1, 3 * 1601, device=DEV)
+    mask[0, 1601:] = float("-inf")
+    out = torch.ops.llama_mm.cross_attention(q, k, v, mask)
+    check_attention("cross_attention -inf mask", out, attention_ref(q, k, v, mask), torch.float32)
 
 
 def test_cross_attention_matches_cpu_kernel():
