@@ -29,7 +29,7 @@ namespace {
 constexpr int kThreads = 128, kWarps = kThreads / 32;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxElemsPerLane = kMaxHeadDim / 32;  // a 32-lane group covers a 256-wide row with 8 each
-constexpr int kUnroll = 2;                          // key rows in flight per thread group
+constexpr int kUnroll = 4;                          // key rows in flight per thread group
 constexpr int kMinChunk = 64, kMaxChunk = 1024;     // key slots per block (multiples of 32)
 
 struct AttnArgs {
@@ -173,7 +173,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   }
   __syncthreads();
 
-  // pass 2: the chunk's max and sum of exp(score - max) per query head; scores become exp(score - max)
+  // pass 2: the chunk's max and sum of exp(score - max) per query head; scores become exp(score - max). The max
+  // starts at the lowest float, as on the CPU: a chunk of -inf scores (an additive -inf mask) gets weights 0.
   float m[kG], l[kG];
 #pragma unroll
   for (int g = 0; g < kG; ++g) m[g] = -FLT_MAX;
@@ -184,14 +185,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   block_reduce<kG, true>(m, red);
 #pragma unroll
   for (int g = 0; g < kG; ++g) l[g] = 0.0f;
-  float shift[kG];  // the max, or 0 for a chunk of -inf scores (an additive -inf mask): weights 0, not NaN
-#pragma unroll
-  for (int g = 0; g < kG; ++g) shift[g] = m[g] == -INFINITY ? 0.0f : m[g];
   for (int j = threadIdx.x; j < n; j += kThreads)
 #pragma unroll
     for (int g = 0; g < kG; ++g)
       if (g < gn) {
-        const float e = expf(smem[g * a.chunk + j] - shift[g]);
+        const float e = expf(smem[g * a.chunk + j] - m[g]);
         smem[g * a.chunk + j] = e;
         l[g] += e;
       }
