@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace llama_mm::cuda {
 
 // x [..., D] (any strides), weight [D] -> [..., D] contiguous
@@ -18,5 +20,15 @@ void rope_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& positions,
 // gate, up [..., F] (any strides) -> silu(gate) * up, contiguous
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 void silu_mul_out(at::Tensor& out, const at::Tensor& gate, const at::Tensor& up);
+
+// q [B, H, D]; k_cache, v_cache [B, Hkv, S_max, D]; key_valid [B, >= S_max] bool; length: one-element int64 tensor
+// on q's device, read by the kernel (never on the host: the call can be captured in a CUDA graph), clamped to
+// [1, S_max]; attends to slots [0, length). -> [B, H, D] contiguous.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& key_valid, const at::Tensor& length);
+
+// q [B, H, D]; k, v [B, Hkv, S, D]; mask [B, S] additive float or none. -> [B, H, D] contiguous.
+at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& mask);
 
 }  // namespace llama_mm::cuda
