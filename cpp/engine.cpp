@@ -245,7 +245,8 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   tokens_ = at::zeros({B}, long_opts);
   logits_ = at::empty({B, cfg_.vocab_size}, opts);
 #ifdef LLAMA_MM_WITH_CUDA
-  graph_.reset();
+  graph_.reset();  // the buffers are new: capture again for this request
+  warmed_up_ = false;
 #endif
 
   auto idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev));
@@ -301,25 +302,28 @@ at::Tensor Engine::step(const at::Tensor& tokens) {
   tokens_.copy_(tokens.reshape({B}));
 #ifdef LLAMA_MM_WITH_CUDA
   if (tokens_.is_cuda()) {
-    // The first step runs eagerly (warm-up); the second captures the body once; every step replays it.
+    // The first step runs eagerly on a side stream (warm-up: cuBLAS workspaces, allocator); the second captures
+    // the body on that same stream; every later step of the request replays it.
     if (graph_) {
       graph_->replay();
-    } else if (warmed_up_) {
-      // Capture on a side stream (capture is not allowed on the default stream), once per request.
-      c10::cuda::getCurrentCUDAStream().synchronize();
-      auto stream = c10::cuda::getStreamFromPool();
-      {
-        c10::cuda::CUDAStreamGuard guard(stream);
-        graph_ = std::make_unique<at::cuda::CUDAGraph>();
-        graph_->capture_begin();
-        decode_body();
-        graph_->capture_end();
-      }
-      stream.synchronize();
-      graph_->replay();
     } else {
-      decode_body();
-      warmed_up_ = true;
+      c10::cuda::getCurrentCUDAStream().synchronize();
+      if (!capture_stream_) capture_stream_ = c10::cuda::getStreamFromPool();
+      {
+        c10::cuda::CUDAStreamGuard guard(*capture_stream_);
+        if (warmed_up_) {
+          graph_ = std::make_unique<at::cuda::CUDAGraph>();
+          // thread-local mode: other threads may use CUDA while this one (without the GIL) captures
+          graph_->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+          decode_body();
+          graph_->capture_end();
+        } else {
+          decode_body();
+          warmed_up_ = true;
+        }
+      }
+      capture_stream_->synchronize();
+      if (graph_) graph_->replay();
     }
     ++length_;
     return logits_;

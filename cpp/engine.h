@@ -18,6 +18,7 @@
 
 #ifdef LLAMA_MM_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <memory>
@@ -52,7 +53,8 @@ class Engine {
                       const std::vector<int64_t>& stop_ids, int64_t pad_id, const StepCallback& on_step);
 
   // The pieces, for tests and benchmarks. start() sets up the caches and runs the prompt, returning the last
-  // position's logits [B, V]; step() feeds one token per row [B] and returns the next logits [B, V].
+  // position's logits [B, V]; step() feeds one token per row [B] and returns the next logits [B, V] (on CUDA the
+  // graph's output buffer, overwritten by the next step: copy it to keep it).
   at::Tensor start(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                    const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
                    const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens);
@@ -96,6 +98,7 @@ class Engine {
   bool has_image_ = false;
 #ifdef LLAMA_MM_WITH_CUDA
   std::unique_ptr<at::cuda::CUDAGraph> graph_;     // the captured decode step (CUDA)
+  std::optional<c10::cuda::CUDAStream> capture_stream_;
   bool warmed_up_ = false;
 #endif
 };

@@ -60,7 +60,7 @@ def compiled(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
 
 
 def test_there_are_cuda_sources():
-    assert {"rms_norm.cu", "rope.cu", "silu_mul.cu"} <= {f.name for f in CU_FILES}
+    assert {"rms_norm.cu", "rope.cu", "silu_mul.cu", "attention.cu"} <= {f.name for f in CU_FILES}
 
 
 @pytest.mark.parametrize("name", [f.name for f in CU_FILES])
