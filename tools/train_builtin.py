@@ -308,6 +308,7 @@ def save(model: MllamaModel, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # save_file creates it owner-only; the wheel ships it for everyone
     size = (out / "model.safetensors").stat().st_size
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({size / 2**20:.1f} MiB)")
 
