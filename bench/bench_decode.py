@@ -5,7 +5,9 @@ Model: a random checkpoint shaped like the real text stack at reduced width (voc
 4 KV heads, MLP 4096, 10 layers, cross-attention at 3 and 8; ~450M parameters) with a small vision tower at the
 real image geometry (560 px tiles, patch 14: 1601 tokens per tile), one 4-tile image, batch 1.
 
-Reports decode ms/token, time to first token, and effective bandwidth (bytes of weights read per decode step /
+Both implementations are loaded side by side and timed alternately (best of N each), so both see the same machine
+load. Reports decode ms/token (the time of N tokens minus the time of 1, over N - 1), time to first token, and
+effective bandwidth (bytes of weights read per decode step /
 step time) next to the machine's measured memory read bandwidth. Writes bench/results/decode_cpu.json.
 
     python bench/bench_decode.py [--new-tokens 32] [--repeats 3] [--out bench/results/decode_cpu.json]
@@ -54,14 +56,18 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Best-of-N wall time of two callables, run alternately so both see the same machine load."""
+    a(), b()  # warm-up
+    best_a = best_b = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        a()
+        best_a = min(best_a, time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        best_b = min(best_b, time.perf_counter() - t)
+    return best_a, best_b
 
 
 def decode_bytes(model, vision_tokens: int, context: int) -> int:
@@ -94,6 +100,7 @@ def main():
     ref = build_reference(TEXT, VISION, seed=0, attn_implementation="sdpa")
     inputs = random_inputs(ref, seq=args.prompt_tokens, aspect_ratios=((2, 2),), seed=0)
     vision_tokens = 4 * (560 // 14) ** 2 + 4
+    load_before = os.getloadavg()
     results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version()},
@@ -112,22 +119,14 @@ def main():
         from transformers import MllamaForConditionalGeneration
         for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             hf = MllamaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).eval()
-            hf_ttft = timed(lambda: hf_run(hf, 1), args.repeats)
-            hf_total = timed(lambda: hf_run(hf, N), args.repeats)
-            hf_tokens = hf_run(hf, N)[:, inputs["input_ids"].shape[1]:]
-            del hf
-
             model = llama_mm.load_model(tmp, dtype=dtype)
             engine = Engine(model)
-
-            def ours(n):
-                return engine.run(inputs, n)
-
-            ttft = timed(lambda: ours(1), args.repeats)
-            total = timed(lambda: ours(N), args.repeats)
-            tokens = ours(N)
+            hf_ttft, ttft = timed_pair(lambda: hf_run(hf, 1), lambda: engine.run(inputs, 1), args.repeats)
+            hf_total, total = timed_pair(lambda: hf_run(hf, N), lambda: engine.run(inputs, N), args.repeats)
+            hf_tokens = hf_run(hf, N)[:, inputs["input_ids"].shape[1]:]
+            tokens = engine.run(inputs, N)
             step_bytes = decode_bytes(model, vision_tokens, args.prompt_tokens + N // 2)
-            del model, engine
+            del hf, model, engine
             hf_decode = (hf_total - hf_ttft) / (N - 1)
             decode = (total - ttft) / (N - 1)
             run = {
@@ -143,6 +142,8 @@ def main():
             }
             results["runs"].append(run)
             print(json.dumps(run, indent=1), flush=True)
+    results["machine"]["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    results["read_bandwidth_GBps_after"] = round(read_bandwidth(), 2)
     fp32 = next(r for r in results["runs"] if r["dtype"] == "float32")
     bf16 = next(r for r in results["runs"] if r["dtype"] == "bfloat16")
     results["bf16_decode_speedup_vs_transformers_fp32"] = round(

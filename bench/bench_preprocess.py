@@ -4,7 +4,8 @@ Workload: one 1411x1411 RGB photo (scikit-image's astronaut, upscaled once befor
 (a) images only, (b) with a prompt (adds tokenizing and the cross-attention mask). Both processors read the same
 checkpoint files (tests/tokenizer_fixture.py writes Llama-3.2-Vision-style ones). Runs interleave the
 implementations in rotating order so that load from other processes hits all alike; the median of N runs is
-reported, with llama_mm also timed on one thread to separate the algorithmic gain from the threaded resize.
+reported. llama_mm splits its resize over threads only when cores are idle (see image_resize.py); it is also
+timed on one thread and with threads forced, to show both paths whatever the machine's load.
 
     PYTHONPATH=python python bench/bench_preprocess.py [--runs 40] [--out bench/results/preprocess.json]
 """
@@ -29,6 +30,7 @@ from transformers.models.mllama.image_processing_pil_mllama import MllamaImagePr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from llama_mm import image_resize  # noqa: E402
 from llama_mm.processor import MllamaProcessor  # noqa: E402
 from tokenizer_fixture import write_tokenizer_files  # noqa: E402
 
@@ -91,32 +93,45 @@ def main():
         for fn in (ours_fn, theirs_fn):
             for _ in range(3):
                 fn()
-        samples = {"ours": [], "theirs": [], "ours_1": []}
-
-        def ours_1_thread():
+        def one_thread():
             torch.set_num_threads(1)
             try:
                 ours_fn()
             finally:
                 torch.set_num_threads(threads)
 
-        variants = [("ours", ours_fn), ("theirs", theirs_fn), ("ours_1", ours_1_thread)]
+        def forced_threads():  # split the resize over all torch threads even when no core is idle
+            saved = image_resize._spare_cores
+            image_resize._spare_cores = lambda: threads
+            try:
+                ours_fn()
+            finally:
+                image_resize._spare_cores = saved
+
+        variants = [("llama_mm", ours_fn), ("transformers_pil", theirs_fn)]
+        variants += [("llama_mm_1_thread", one_thread), ("llama_mm_forced_threads", forced_threads)]
+        samples = {key: [] for key, _ in variants}
+        spare = []
         for i in range(args.runs):  # rotate the order so that none always runs after another
-            for key, fn in variants[i % 3 :] + variants[: i % 3]:
+            spare.append(image_resize._spare_cores())
+            for key, fn in variants[i % len(variants) :] + variants[: i % len(variants)]:
                 samples[key].append(timed(fn))
-        t_ours, t_theirs, t_ours_1 = samples["ours"], samples["theirs"], samples["ours_1"]
-        med_ours, med_theirs, med_ours_1 = map(statistics.median, (t_ours, t_theirs, t_ours_1))
+        medians = {key: statistics.median(v) for key, v in samples.items()}
+        base = medians["transformers_pil"]
         results[name] = {
-            "llama_mm_ms": round(med_ours, 2),
-            "transformers_pil_ms": round(med_theirs, 2),
-            "ratio_llama_mm_over_transformers": round(med_ours / med_theirs, 3),
-            "llama_mm_1_thread_ms": round(med_ours_1, 2),
-            "ratio_1_thread": round(med_ours_1 / med_theirs, 3),
-            "llama_mm_min_ms": round(min(t_ours), 2),
-            "transformers_pil_min_ms": round(min(t_theirs), 2),
+            **{f"{key}_ms": round(m, 2) for key, m in medians.items()},
+            **{f"{key}_min_ms": round(min(samples[key]), 2) for key in samples},
+            "ratio_llama_mm_over_transformers": round(medians["llama_mm"] / base, 3),
+            "ratio_1_thread": round(medians["llama_mm_1_thread"] / base, 3),
+            "ratio_forced_threads": round(medians["llama_mm_forced_threads"] / base, 3),
+            "idle_cores_seen_by_llama_mm": [min(spare), max(spare)],
         }
-        print(f"{name}: llama_mm {med_ours:.1f} ms ({threads} threads), {med_ours_1:.1f} ms (1 thread); "
-              f"transformers PIL {med_theirs:.1f} ms; ratio {med_ours / med_theirs:.3f}")
+        print(
+            f"{name}: llama_mm {medians['llama_mm']:.1f} ms (idle cores seen {min(spare)}..{max(spare)}), "
+            f"1 thread {medians['llama_mm_1_thread']:.1f} ms, forced {threads} threads "
+            f"{medians['llama_mm_forced_threads']:.1f} ms; transformers PIL {base:.1f} ms; "
+            f"ratio {medians['llama_mm'] / base:.3f}"
+        )
 
     report = {
         "benchmark": "preprocess a 1411x1411 RGB photo into 4 tiles of 560 px (median of runs)",

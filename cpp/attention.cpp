@@ -23,10 +23,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+#if defined(CPU_CAPABILITY_AVX512)
+  float s = _mm512_reduce_add_ps(acc);
+#else
   float lanes[Vec::size()];
   acc.store(lanes);
   float s = 0.f;
   for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+#endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -131,8 +135,12 @@ void dispatch_float(at::ScalarType t, const char* op, F&& f) {
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& key_valid, int64_t length) {
+                            const at::Tensor& key_valid, const at::Tensor& length_t) {
   check_qkv("decode_attention", q, k_cache, v_cache);
+  TORCH_CHECK(length_t.numel() == 1 && length_t.scalar_type() == at::kLong && length_t.device().is_cpu(),
+              "decode_attention: length must be a one-element int64 CPU tensor, got ", length_t.scalar_type(), " ",
+              length_t.sizes(), " on ", length_t.device());
+  const int64_t length = length_t.item<int64_t>();
   TORCH_CHECK(length > 0 && length <= k_cache.size(2), "decode_attention: length ", length, " outside [1, ",
               k_cache.size(2), "]");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == q.size(0) &&

@@ -8,10 +8,11 @@
 
 namespace llama_mm::cpu {
 
-// q [B, H, D]; k_cache, v_cache [B, Hkv, S_max, D]; key_valid [B, >= length] bool (false = masked, e.g. left
-// padding); attends to cache slots [0, length). -> [B, H, D].
+// q [B, H, D]; k_cache, v_cache [B, Hkv, S_max, D]; key_valid [B, S_max] bool (false = masked, e.g. left
+// padding); length: one-element int64 tensor on the cache's device (a tensor so that a captured CUDA graph reads
+// the current value); attends to cache slots [0, length). -> [B, H, D].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& key_valid, int64_t length);
+                            const at::Tensor& key_valid, const at::Tensor& length);
 
 // q [B, H, D]; k, v [B, Hkv, S, D] (the image's keys and values); mask [B, S] additive float or none. -> [B, H, D].
 at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -3,6 +3,11 @@
 #include "gemv.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#ifdef LLAMA_MM_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -29,9 +34,9 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
   return h.call(g, u);
 }
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
-                            int64_t length) {
-  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
-      "llama_mm::decode_attention");
+                            const at::Tensor& length) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&)>("llama_mm::decode_attention");
   return h.call(q, k, v, valid, length);
 }
 at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -50,8 +55,9 @@ at::Scalar lowest(at::ScalarType t) {
   }
 }
 
-// Linear layer: the streaming matrix-vector kernel for the decode step's few rows on the CPU, else at::linear.
-at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
+// Matrix product with a weight: the streaming matrix-vector kernel for the decode step's few rows on the CPU,
+// else at::linear.
+at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w) {
   return cpu::gemv_applies(x, w) ? cpu::gemv(x, w) : at::linear(x, w);
 }
 
@@ -60,6 +66,34 @@ const at::Tensor& get(const std::unordered_map<std::string, at::Tensor>& w, cons
   TORCH_CHECK_VALUE(it != w.end(), "Engine: weight '", name, "' is missing");
   return it->second;
 }
+
+}  // namespace
+
+// `module` without ".weight"; picks up an unmerged LoRA adapter when the weights hold one.
+Engine::Linear Engine::linear(const std::unordered_map<std::string, at::Tensor>& w, const std::string& module) {
+  Linear lin{get(w, module + ".weight"), {}, {}};
+  const auto a = w.find(module + ".lora_A.weight"), b = w.find(module + ".lora_B.weight");
+  TORCH_CHECK_VALUE((a == w.end()) == (b == w.end()), "Engine: ", module, " has only one of lora_A / lora_B");
+  if (a != w.end()) {
+    TORCH_CHECK_VALUE(a->second.dim() == 2 && b->second.dim() == 2 && a->second.size(1) == lin.w.size(1) &&
+                          b->second.size(0) == lin.w.size(0) && b->second.size(1) == a->second.size(0),
+                      "Engine: LoRA shapes of ", module, " (A ", a->second.sizes(), ", B ", b->second.sizes(),
+                      ") do not fit its weight ", lin.w.sizes());
+    lin.lora_a = a->second;
+    lin.lora_b = b->second;
+  }
+  return lin;
+}
+
+// y = x W^T (+ the LoRA update in float32, rounded once to x's dtype, as the PyTorch LoraLinear does).
+at::Tensor Engine::project(const at::Tensor& x, const Linear& l) {
+  auto y = matmul_t(x, l.w);
+  if (!l.lora_a.defined()) return y;
+  auto xf = x.to(l.lora_a.scalar_type());
+  return y + matmul_t(matmul_t(xf, l.lora_a), l.lora_b).to(y.scalar_type());
+}
+
+namespace {
 
 }  // namespace
 
@@ -85,15 +119,15 @@ Engine::Engine(const std::unordered_map<std::string, at::Tensor>& w, EngineConfi
     const std::string a = layer.cross ? l + "cross_attn." : l + "self_attn.";
     layer.input_norm = get(w, l + "input_layernorm.weight");
     layer.post_norm = get(w, l + "post_attention_layernorm.weight");
-    layer.wq = get(w, a + "q_proj.weight");
-    layer.wk = get(w, a + "k_proj.weight");
-    layer.wv = get(w, a + "v_proj.weight");
-    layer.wo = get(w, a + "o_proj.weight");
-    layer.w_gate = get(w, l + "mlp.gate_proj.weight");
-    layer.w_up = get(w, l + "mlp.up_proj.weight");
-    layer.w_down = get(w, l + "mlp.down_proj.weight");
-    for (const auto* t : {&layer.input_norm, &layer.post_norm, &layer.wq, &layer.wk, &layer.wv, &layer.wo,
-                          &layer.w_gate, &layer.w_up, &layer.w_down})
+    layer.wq = linear(w, a + "q_proj");
+    layer.wk = linear(w, a + "k_proj");
+    layer.wv = linear(w, a + "v_proj");
+    layer.wo = linear(w, a + "o_proj");
+    layer.w_gate = linear(w, l + "mlp.gate_proj");
+    layer.w_up = linear(w, l + "mlp.up_proj");
+    layer.w_down = linear(w, l + "mlp.down_proj");
+    for (const auto* t : {&layer.input_norm, &layer.post_norm, &layer.wq.w, &layer.wk.w, &layer.wv.w, &layer.wo.w,
+                          &layer.w_gate.w, &layer.w_up.w, &layer.w_down.w})
       TORCH_CHECK_VALUE(t->device() == embed_.device() && t->scalar_type() == embed_.scalar_type(),
                         "Engine: layer ", i, " weights must share the embedding's device and dtype");
     if (layer.cross) {
@@ -110,52 +144,68 @@ at::Tensor Engine::mlp(const Layer& l, const at::Tensor& x) const {
   return project(silu_mul(project(x, l.w_gate), project(x, l.w_up)), l.w_down);
 }
 
-// x [B, T, C] -> [B, T, C]. Prefill (the prompt, T tokens from cache slot 0) when length_ == 0, else one decode
-// step (T == 1) at cache slot length_.
-at::Tensor Engine::forward(const at::Tensor& x_in, const at::Tensor& positions, int64_t T) {
-  const bool prefill = length_ == 0;
-  const int64_t B = x_in.size(0), H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim();
+// The prompt: x [B, T, C] -> [B, T, C], filling cache slots [0, T).
+at::Tensor Engine::prefill(const at::Tensor& x_in, const at::Tensor& positions) {
+  const int64_t B = x_in.size(0), T = x_in.size(1), H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim();
   const double eps = cfg_.rms_norm_eps;
   at::Tensor x = x_in;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
     if (l.cross) {
       if (!has_image_) continue;  // text only: cross layers are skipped, as in the reference
-      auto h = rms_norm(x, l.input_norm, eps);
-      auto q = rms_norm(project(h, l.wq).view({B, T, H, D}), l.q_norm, eps);  // (B, T, H, D)
-      at::Tensor attn;
-      if (prefill) {
-        attn = at::scaled_dot_product_attention(q.transpose(1, 2), cross_k_[i], cross_v_[i], cross_mask_, 0.0, false,
-                                                std::nullopt, Hkv != H)
-                   .transpose(1, 2);  // (B, T, H, D)
-      } else {
-        attn = cross_attention(q.view({B, H, D}), cross_k_[i], cross_v_[i], step_cross_mask_);  // (B, H, D)
-      }
-      x = x + l.attn_gate * project(attn.reshape({B, T, H * D}), l.wo);
-      auto m = mlp(l, rms_norm(x, l.post_norm, eps));
-      x = x + l.mlp_gate * ((prefill ? row_mask_ : step_row_mask_.unsqueeze(1)) * m);
+      auto q = rms_norm(project(rms_norm(x, l.input_norm, eps), l.wq).view({B, T, H, D}), l.q_norm, eps);
+      auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), cross_k_[i], cross_v_[i], cross_mask_, 0.0,
+                                                   false, std::nullopt, Hkv != H);  // (B, H, T, D)
+      x = x + l.attn_gate * project(attn.transpose(1, 2).reshape({B, T, H * D}), l.wo);
+      x = x + l.mlp_gate * (row_mask_ * mlp(l, rms_norm(x, l.post_norm, eps)));
     } else {
       auto h = rms_norm(x, l.input_norm, eps);
       auto q = rope(project(h, l.wq).view({B, T, H, D}), positions, inv_freq_);    // (B, T, H, D)
       auto k = rope(project(h, l.wk).view({B, T, Hkv, D}), positions, inv_freq_);  // (B, T, Hkv, D)
       auto v = project(h, l.wv).view({B, T, Hkv, D});
-      k_cache_[i].narrow(2, length_, T).copy_(k.transpose(1, 2));
-      v_cache_[i].narrow(2, length_, T).copy_(v.transpose(1, 2));
-      at::Tensor attn;
-      if (prefill) {
-        attn = at::scaled_dot_product_attention(q.transpose(1, 2), k_cache_[i].narrow(2, 0, T),
-                                                v_cache_[i].narrow(2, 0, T), self_mask_, 0.0, false, std::nullopt,
-                                                Hkv != H)
-                   .transpose(1, 2);  // (B, T, H, D)
-      } else {
-        attn = decode_attention(q.view({B, H, D}), k_cache_[i], v_cache_[i], key_valid_, length_ + 1);  // (B, H, D)
-      }
-      x = x + project(attn.reshape({B, T, H * D}), l.wo);
+      k_cache_[i].narrow(2, 0, T).copy_(k.transpose(1, 2));
+      v_cache_[i].narrow(2, 0, T).copy_(v.transpose(1, 2));
+      auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k_cache_[i].narrow(2, 0, T),
+                                                   v_cache_[i].narrow(2, 0, T), self_mask_, 0.0, false, std::nullopt,
+                                                   Hkv != H);  // (B, H, T, D)
+      x = x + project(attn.transpose(1, 2).reshape({B, T, H * D}), l.wo);
       x = x + mlp(l, rms_norm(x, l.post_norm, eps));
     }
   }
-  length_ += T;
   return x;
+}
+
+// One decode step with static shapes: reads tokens_ [B], writes logits_ [B, V], and advances the step state held
+// in tensors (slot_, attn_len_, next_pos_) in place, so the same body can be captured once as a CUDA graph and
+// replayed.
+void Engine::decode_body() {
+  const int64_t B = tokens_.size(0), H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim();
+  const double eps = cfg_.rms_norm_eps;
+  auto x = at::embedding(embed_, tokens_.view({B, 1}));  // (B, 1, C)
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& l = layers_[i];
+    if (l.cross) {
+      if (!has_image_) continue;
+      auto q = rms_norm(project(rms_norm(x, l.input_norm, eps), l.wq).view({B, H, D}), l.q_norm, eps);
+      auto attn = cross_attention(q, cross_k_[i], cross_v_[i], step_cross_mask_);  // (B, H, D)
+      x = x + l.attn_gate * project(attn.view({B, 1, H * D}), l.wo);
+      x = x + l.mlp_gate * (step_row_mask_ * mlp(l, rms_norm(x, l.post_norm, eps)));
+    } else {
+      auto h = rms_norm(x, l.input_norm, eps);
+      auto q = rope(project(h, l.wq).view({B, 1, H, D}), next_pos_, inv_freq_);    // (B, 1, H, D)
+      auto k = rope(project(h, l.wk).view({B, 1, Hkv, D}), next_pos_, inv_freq_);  // (B, 1, Hkv, D)
+      auto v = project(h, l.wv).view({B, 1, Hkv, D});
+      k_cache_[i].index_copy_(2, slot_, k.transpose(1, 2));
+      v_cache_[i].index_copy_(2, slot_, v.transpose(1, 2));
+      auto attn = decode_attention(q.view({B, H, D}), k_cache_[i], v_cache_[i], key_valid_, attn_len_);  // (B, H, D)
+      x = x + project(attn.view({B, 1, H * D}), l.wo);
+      x = x + mlp(l, rms_norm(x, l.post_norm, eps));
+    }
+  }
+  logits_.copy_(matmul_t(rms_norm(x.select(1, 0), final_norm_, eps), lm_head_));
+  slot_.add_(1);
+  attn_len_.add_(1);
+  next_pos_.add_(1);
 }
 
 at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attention_mask,
@@ -184,6 +234,14 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   // positions count real tokens only (left padding); pads get position 1, as transformers' generate does
   auto positions = (valid.to(at::kLong).cumsum(1) - 1).masked_fill(~valid, 1);  // (B, T)
   next_pos_ = positions.narrow(1, T - 1, 1) + 1;                                  // (B, 1)
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
+  slot_ = at::full({1}, T, long_opts);          // the cache slot the next token goes to
+  attn_len_ = at::full({1}, T + 1, long_opts);  // slots the next token attends to
+  tokens_ = at::zeros({B}, long_opts);
+  logits_ = at::empty({B, cfg_.vocab_size}, opts);
+#ifdef LLAMA_MM_WITH_CUDA
+  graph_.reset();
+#endif
 
   auto idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev));
   auto allowed = idx.unsqueeze(1) >= idx.unsqueeze(0);                  // (T, T) causal
@@ -210,7 +268,7 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
     row_mask_ = row_mask->to(dev, embed_.scalar_type());
     // decode rows repeat the prompt's last row, as transformers' generate extends the mask
     step_cross_mask_ = cross_mask_.select(1, 0).select(1, T - 1).to(at::kFloat).contiguous();  // (B, S)
-    step_row_mask_ = row_mask_.select(1, T - 1).contiguous();                                    // (B, 1)
+    step_row_mask_ = row_mask_.select(1, T - 1).unsqueeze(1).contiguous();                      // (B, 1, 1)
     for (size_t i = 0; i < layers_.size(); ++i) {
       if (!layers_[i].cross) continue;
       const auto& l = layers_[i];
@@ -224,21 +282,47 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
     k_cache_[i] = at::empty({B, Hkv, capacity_, D}, opts);
     v_cache_[i] = at::empty({B, Hkv, capacity_, D}, opts);
   }
-  auto x = at::embedding(embed_, input_ids.to(dev));  // (B, T, C)
-  x = forward(x, positions, T);
+  auto x = prefill(at::embedding(embed_, input_ids.to(dev)), positions);  // (B, T, C)
+  length_ = T;
   auto last = rms_norm(x.select(1, T - 1), final_norm_, cfg_.rms_norm_eps);  // (B, C)
-  return project(last, lm_head_);
+  return matmul_t(last, lm_head_);
 }
 
 at::Tensor Engine::step(const at::Tensor& tokens) {
   TORCH_CHECK_VALUE(length_ > 0, "step() before start()");
   TORCH_CHECK_VALUE(length_ < capacity_, "the KV cache is full (", capacity_, " slots)");
-  const int64_t B = key_valid_.size(0);
+  const int64_t B = tokens_.size(0);
   TORCH_CHECK_VALUE(tokens.numel() == B, "step() needs one token per row (", B, "), got ", tokens.numel());
-  auto x = at::embedding(embed_, tokens.reshape({B, 1}).to(embed_.device()));  // (B, 1, C)
-  x = forward(x, next_pos_, 1);
-  next_pos_ = next_pos_ + 1;
-  return project(rms_norm(x.select(1, 0), final_norm_, cfg_.rms_norm_eps), lm_head_);  // (B, V)
+  tokens_.copy_(tokens.reshape({B}));
+#ifdef LLAMA_MM_WITH_CUDA
+  if (tokens_.is_cuda()) {
+    // The first step runs eagerly (warm-up); the second captures the body once; every step replays it.
+    if (graph_) {
+      graph_->replay();
+    } else if (warmed_up_) {
+      // Capture on a side stream (capture is not allowed on the default stream), once per request.
+      c10::cuda::getCurrentCUDAStream().synchronize();
+      auto stream = c10::cuda::getStreamFromPool();
+      {
+        c10::cuda::CUDAStreamGuard guard(stream);
+        graph_ = std::make_unique<at::cuda::CUDAGraph>();
+        graph_->capture_begin();
+        decode_body();
+        graph_->capture_end();
+      }
+      stream.synchronize();
+      graph_->replay();
+    } else {
+      decode_body();
+      warmed_up_ = true;
+    }
+    ++length_;
+    return logits_;
+  }
+#endif
+  decode_body();
+  ++length_;
+  return logits_;
 }
 
 at::Tensor Engine::generate(const at::Tensor& input_ids, const at::Tensor& attention_mask,
@@ -269,7 +353,7 @@ at::Tensor Engine::generate(const at::Tensor& input_ids, const at::Tensor& atten
     if (stops.numel()) unfinished &= at::isin(next, stops).logical_not();
     const bool stop = on_step && on_step(next);
     if (stop || !unfinished.any().item<bool>() || n + 1 == max_new_tokens) break;
-    logits = step(next);
+    logits = step(next.to(embed_.device()));
   }
   return at::stack(out, 1);  // (B, N)
 }

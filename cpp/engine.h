@@ -16,6 +16,12 @@
 
 #include "sampling.h"
 
+#ifdef LLAMA_MM_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#endif
+
+#include <memory>
+
 namespace llama_mm {
 
 struct EngineConfig {
@@ -31,7 +37,8 @@ using StepCallback = std::function<bool(const at::Tensor&)>;
 
 class Engine {
  public:
-  // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`);
+  // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`); an
+  // unmerged LoRA adapter adds `<module>.lora_A.weight` and `<module>.lora_B.weight` (B scaled) for its modules;
   // inv_freq [head_dim / 2] float32 (rope frequencies, llama3-scaled as the config says).
   Engine(const std::unordered_map<std::string, at::Tensor>& weights, EngineConfig cfg, at::Tensor inv_freq);
 
@@ -54,13 +61,22 @@ class Engine {
   const EngineConfig& config() const { return cfg_; }
 
  private:
+  // A linear layer's weight [out, in], and optionally an unmerged LoRA adapter: y = x W^T + (x A^T) B^T with
+  // A [r, in] and B [out, r] already multiplied by the adapter's scaling (float32).
+  struct Linear {
+    at::Tensor w, lora_a, lora_b;
+  };
   struct Layer {
     bool cross = false;
-    at::Tensor input_norm, wq, wk, wv, wo, post_norm, w_gate, w_up, w_down;
+    at::Tensor input_norm, post_norm;
+    Linear wq, wk, wv, wo, w_gate, w_up, w_down;
     at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
   };
+  static Linear linear(const std::unordered_map<std::string, at::Tensor>& w, const std::string& module);
+  static at::Tensor project(const at::Tensor& x, const Linear& l);
   at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, int64_t T);
+  at::Tensor prefill(const at::Tensor& x, const at::Tensor& positions);
+  void decode_body();
 
   EngineConfig cfg_;
   std::vector<Layer> layers_;
@@ -71,10 +87,17 @@ class Engine {
   std::vector<at::Tensor> cross_k_, cross_v_;      // per layer (undefined for self layers / text only)
   at::Tensor key_valid_;                           // [B, S_max] bool
   at::Tensor self_mask_, cross_mask_, row_mask_;   // prefill: [B,1,T,T], [B,1,T,S], [B,T,1]
-  at::Tensor step_cross_mask_, step_row_mask_;     // decode: [B, S], [B, 1]
-  at::Tensor next_pos_;                            // [B, 1] int64
-  int64_t length_ = 0, capacity_ = 0;
+  at::Tensor step_cross_mask_, step_row_mask_;     // decode: [B, S], [B, 1, 1]
+  // Decode-step state in tensors on the weights' device, advanced in place by decode_body().
+  at::Tensor next_pos_;                            // [B, 1] int64: positions of the next tokens
+  at::Tensor slot_, attn_len_;                     // [1] int64: cache slot to write, slots to attend to
+  at::Tensor tokens_, logits_;                     // [B] int64 in, [B, V] out
+  int64_t length_ = 0, capacity_ = 0;              // host copy of the filled cache length, and its size
   bool has_image_ = false;
+#ifdef LLAMA_MM_WITH_CUDA
+  std::unique_ptr<at::cuda::CUDAGraph> graph_;     // the captured decode step (CUDA)
+  bool warmed_up_ = false;
+#endif
 };
 
 }  // namespace llama_mm

@@ -18,7 +18,6 @@ namespace llama_mm::cpu {
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-constexpr int64_t kTile = 4;  // weight rows per inner iteration (x is reused from registers/L1 across them)
 
 template <typename T>
 inline float widen(T v) {
@@ -36,39 +35,61 @@ inline __m512 load16(const at::Half* p) {
 }
 #endif
 
-// rows [n0, n1) of y (float32, [B, N]) from x (float32, [B, K]) and w (T, [N, K], rows contiguous)
-template <typename T>
-void gemv_rows(const float* x, int64_t B, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0,
-               int64_t n1, float* y) {
-  int64_t n = n0;
-#if defined(__AVX512F__)
-  for (; n + kTile <= n1; n += kTile) {
-    __m512 acc[kTile][kMaxRows];
-    for (int t = 0; t < kTile; ++t)
-      for (int64_t b = 0; b < B; ++b) acc[t][b] = _mm512_setzero_ps();
+// Rows [n0, n1) of y (float32, [B, N]) from x (float32, [B, K]) and w (T, [N, K], rows contiguous). Each thread
+// walks its block of weight rows front to back, one row after the other: a single sequential stream that the
+// hardware prefetcher follows (interleaving short rows defeats it); x stays in L1 across rows.
+template <typename T, int B>
+void gemv_rows(const float* x, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0, int64_t n1,
+               float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * w_stride;
+    float sums[B];
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      __m512 wv[kTile];
-      for (int t = 0; t < kTile; ++t) wv[t] = load16(w + (n + t) * w_stride + k);
-      for (int64_t b = 0; b < B; ++b) {
-        const __m512 xv = _mm512_loadu_ps(x + b * K + k);
-        for (int t = 0; t < kTile; ++t) acc[t][b] = _mm512_fmadd_ps(wv[t], xv, acc[t][b]);
+#if defined(__AVX512F__)
+    if constexpr (B == 1) {
+      // four independent accumulators hide the FMA latency
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(load16(wr + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(load16(wr + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(load16(wr + k + 48), _mm512_loadu_ps(x + k + 48), a3);
       }
+      for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(x + k), a0);
+      sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    } else {
+      __m512 acc[B];
+      for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+      for (; k + 16 <= K; k += 16) {
+        const __m512 wv = load16(wr + k);
+        for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * K + k), acc[b]);
+      }
+      for (int b = 0; b < B; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
     }
-    for (int t = 0; t < kTile; ++t)
-      for (int64_t b = 0; b < B; ++b) {
-        float s = _mm512_reduce_add_ps(acc[t][b]);
-        for (int64_t kk = k; kk < K; ++kk) s += widen(w[(n + t) * w_stride + kk]) * x[b * K + kk];
-        y[b * N + n + t] = s;
-      }
-  }
+#else
+    for (int b = 0; b < B; ++b) sums[b] = 0.f;
 #endif
-  for (; n < n1; ++n)
-    for (int64_t b = 0; b < B; ++b) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += widen(w[n * w_stride + k]) * x[b * K + k];
-      y[b * N + n] = s;
+    for (; k < K; ++k) {
+      const float wk = widen(wr[k]);
+      for (int b = 0; b < B; ++b) sums[b] += wk * x[b * K + k];
     }
+    for (int b = 0; b < B; ++b) y[b * N + n] = sums[b];
+  }
+}
+
+template <typename T>
+void gemv_dispatch(const float* x, int64_t B, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                   float* y) {
+  switch (B) {
+    case 1: return gemv_rows<T, 1>(x, w, ws, K, N, n0, n1, y);
+    case 2: return gemv_rows<T, 2>(x, w, ws, K, N, n0, n1, y);
+    case 3: return gemv_rows<T, 3>(x, w, ws, K, N, n0, n1, y);
+    case 4: return gemv_rows<T, 4>(x, w, ws, K, N, n0, n1, y);
+    case 5: return gemv_rows<T, 5>(x, w, ws, K, N, n0, n1, y);
+    case 6: return gemv_rows<T, 6>(x, w, ws, K, N, n0, n1, y);
+    case 7: return gemv_rows<T, 7>(x, w, ws, K, N, n0, n1, y);
+    default: return gemv_rows<T, 8>(x, w, ws, K, N, n0, n1, y);
+  }
 }
 
 }  // namespace
@@ -95,13 +116,13 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   auto y = at::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // ~64 KiB of weights per task: enough work per thread to stream, enough tasks to balance
-  const int64_t grain = std::max<int64_t>(kTile, (64 * 1024 / (K * w.element_size()) + kTile - 1) / kTile * kTile);
+  // at least ~64 KiB of weights per task; parallel_for gives each thread one contiguous block of rows
+  const int64_t grain = std::max<int64_t>(1, 64 * 1024 / (K * w.element_size()));
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* wp = w.data_ptr<T>();
-    at::parallel_for(0, (N + kTile - 1) / kTile, std::max<int64_t>(1, grain / kTile), [&](int64_t t0, int64_t t1) {
-      gemv_rows<T>(xp, B, wp, w.stride(0), K, N, t0 * kTile, std::min(N, t1 * kTile), yp);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      gemv_dispatch<T>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
     });
   };
   switch (w.scalar_type()) {

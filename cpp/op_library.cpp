@@ -12,7 +12,7 @@ TORCH_LIBRARY(llama_mm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor positions, Tensor inv_freq) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, int length) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, Tensor length) -> Tensor");
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
 }

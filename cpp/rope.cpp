@@ -14,14 +14,24 @@
 #include "op_common.h"
 #include "ops.h"
 
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+#define LLAMA_MM_USE_MKL_VML 1
+#else
+#define LLAMA_MM_USE_MKL_VML 0
+#endif
+
+#if LLAMA_MM_USE_MKL_VML
+// ATen computes float32 cos/sin with MKL's VML (ATen/cpu/vml.h, LP64 MKL as in PyTorch's builds); calling the same
+// functions, exported by libtorch_cpu, in the same mode makes our tables bit-identical to the reference's
+// `emb.cos()` / `emb.sin()`.
+extern "C" void vmsCos(int n, const float* a, float* r, long long mode);
+extern "C" void vmsSin(int n, const float* a, float* r, long long mode);
+#endif
+
 namespace llama_mm::cpu {
 namespace {
 
-#if AT_MKL_ENABLED() && !defined(__APPLE__)
-// ATen computes float32 cos/sin with MKL's VML in this mode (ATen/cpu/vml.h); calling the same functions (exported
-// by libtorch_cpu) makes our tables bit-identical to the reference's `emb.cos()` / `emb.sin()`.
-extern "C" void vmsCos(int n, const float* a, float* r, long long mode);
-extern "C" void vmsSin(int n, const float* a, float* r, long long mode);
+#if LLAMA_MM_USE_MKL_VML
 constexpr long long kVmlMode = 0x2 /*VML_HA*/ | 0x140000 /*VML_FTZDAZ_OFF*/ | 0x100 /*VML_ERRMODE_IGNORE*/;
 
 void cos_sin(const float* angles, int64_t n, float* cs, float* sn) {

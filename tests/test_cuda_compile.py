@@ -69,3 +69,11 @@ def test_cuda_source_compiles(compiled, name):
     result = results[name]
     assert result.returncode == 0, f"nvcc failed on cuda/{name}:\n{result.stdout}\n{result.stderr}"
     assert (out_dir / (Path(name).stem + ".o")).stat().st_size > 0
+
+
+def test_engine_cuda_graph_path_compiles(tmp_path):
+    """The engine's CUDA-graph decode path (built only with CUDA) compiles against torch's CUDA headers."""
+    *flags, out_flag, obj, src = nvcc_command(ROOT / "cpp" / "engine.cpp", tmp_path / "engine.o")
+    cmd = [*flags, "-DLLAMA_MM_WITH_CUDA", "-x", "c++", out_flag, obj, src]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"engine.cpp with LLAMA_MM_WITH_CUDA:\n{result.stdout}\n{result.stderr}"

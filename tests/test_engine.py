@@ -125,7 +125,7 @@ def test_decode_attention(dtype, tol, B, H, Hkv, S, D):
     vc = torch.randn(B, Hkv, S + 7, D, generator=g).to(dtype)
     valid = torch.ones(B, S + 7, dtype=torch.bool)
     valid[0, : S // 3] = False  # left padding on row 0
-    out = torch.ops.llama_mm.decode_attention(q, kc, vc, valid, S)
+    out = torch.ops.llama_mm.decode_attention(q, kc, vc, valid, torch.tensor([S]))
     additive = torch.zeros(B, S).masked_fill(~valid[:, :S], float("-inf"))
     expected = attention_ref(q, kc[:, :, :S], vc[:, :, :S], additive)
     err = (out.double() - expected).abs().max().item()
@@ -152,7 +152,8 @@ def test_cross_attention(dtype, tol):
 
 def test_attention_ops_opcheck():
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    torch.library.opcheck(torch.ops.llama_mm.decode_attention.default, (q, k, v, torch.ones(2, 6, dtype=torch.bool), 5))
+    torch.library.opcheck(torch.ops.llama_mm.decode_attention.default,
+                          (q, k, v, torch.ones(2, 6, dtype=torch.bool), torch.tensor([5])))
     torch.library.opcheck(torch.ops.llama_mm.cross_attention.default, (q, k, v, torch.zeros(2, 6)))
 
 
@@ -160,9 +161,11 @@ def test_attention_bad_inputs():
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     valid = torch.ones(2, 6, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="length 7 outside"):
-        torch.ops.llama_mm.decode_attention(q, k, v, valid, 7)
+        torch.ops.llama_mm.decode_attention(q, k, v, valid, torch.tensor([7]))
     with pytest.raises(RuntimeError, match="key_valid must be a bool"):
-        torch.ops.llama_mm.decode_attention(q, k, v, valid.float(), 3)
+        torch.ops.llama_mm.decode_attention(q, k, v, valid.float(), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="one-element int64"):
+        torch.ops.llama_mm.decode_attention(q, k, v, valid, torch.tensor([3.0]))
     with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
         torch.ops.llama_mm.cross_attention(torch.randn(2, 3, 8), k, v, None)
     with pytest.raises(RuntimeError, match="share a dtype"):

@@ -29,7 +29,8 @@ def assert_matches(name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
     diff = (got.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
     exact = (got == ref).float().mean().item()
-    print(f"{name} {ref.dtype} {tuple(ref.shape)}: max abs diff {diff:.3g} (max |ref| {scale:.3g}), bit-exact {exact:.4f}")
+    print(f"{name} {ref.dtype} {tuple(ref.shape)}: max abs diff {diff:.3g} (max |ref| {scale:.3g}), "
+          f"bit-exact fraction {exact:.4f}")
     assert diff <= REL_TOL[ref.dtype] * scale, f"{name}: max abs diff {diff} > {REL_TOL[ref.dtype]} * {scale}"
 
 
@@ -202,3 +203,43 @@ def test_bad_inputs_raise_naming_the_argument():
     for op, args, message in bad:
         with pytest.raises(RuntimeError, match=message):
             op(*args)
+
+
+# ---- CUDA kernels (run where a GPU and a CUDA build are present) -------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.CUDA_KERNELS), reason="no CUDA device or CUDA kernels not built"
+)
+# GPU reference and kernel use different reduction orders and float32 cos/sin/exp/rsqrt implementations
+CUDA_REL_TOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def assert_matches_cuda(name, got, ref):
+    diff = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    print(f"cuda {name} {ref.dtype} {tuple(ref.shape)}: max abs diff {diff:.3g} (max |ref| {scale:.3g})")
+    assert got.is_cuda and got.is_contiguous() and got.shape == ref.shape and got.dtype == ref.dtype
+    assert diff <= CUDA_REL_TOL[ref.dtype] * scale
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_match_reference(dtype):
+    torch.manual_seed(8)
+    dev = "cuda"
+    # packed (D multiple of 8, aligned) and scalar (odd sizes, misaligned views) paths
+    for shape, view in [((3, 4096), slice(None)), ((5, 7, 257), slice(None)), ((4, 301), slice(1, None))]:
+        x = torch.randn(shape, device=dev).to(dtype)[..., view]
+        w = torch.randn(x.shape[-1], device=dev).to(dtype)
+        assert_matches_cuda("rms_norm", torch.ops.llama_mm.rms_norm(x, w, 1e-5), ops.rms_norm_ref(x, w, 1e-5))
+    for B, T, H, D in [(1, 1, 32, 128), (2, 37, 4, 64), (2, 9, 3, 66)]:
+        x = qkv_view(B, T, H, D, dtype).to(dev)
+        positions = (torch.arange(T)[None, :] + torch.randint(0, 9000, (B, 1))).to(dev)
+        inv_freq = inv_freq_for(D).to(dev)
+        got = torch.ops.llama_mm.rope(x, positions, inv_freq)
+        assert_matches_cuda("rope", got, ops.rope_ref(x, positions, inv_freq))
+    for F in (14336, 1001):
+        gate, up = (torch.randn(3, 2 * F, device=dev) * 4).to(dtype).chunk(2, dim=-1)
+        assert_matches_cuda("silu_mul", torch.ops.llama_mm.silu_mul(gate, up), ops.silu_mul_ref(gate, up))
+    x, w = torch.randn(2, 64, device=dev).to(dtype), torch.randn(64, device=dev).to(dtype)
+    torch.library.opcheck(torch.ops.llama_mm.rms_norm.default, (x, w, 1e-6))

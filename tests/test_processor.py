@@ -550,7 +550,8 @@ def test_bad_checkpoint_files(tmp_path):
 
 
 def test_threaded_resize_is_byte_identical_to_pil(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # force 4 bands whatever this machine has
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # force the threaded path whatever this machine has
+    monkeypatch.setattr(image_resize, "_spare_cores", lambda: 4)
     assert image_resize._pass_order() is not None, "the installed Pillow's pass order was not recognised"
     rng = np.random.default_rng(7)
     shapes = [((1411, 1411), (1120, 1120)), ((4000, 300), (2240, 168)), ((120, 1900), (560, 2240))]

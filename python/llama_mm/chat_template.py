@@ -29,30 +29,31 @@ Message = dict
 Conversation = list[Message]
 
 
+def read_json(path: Path) -> dict | None:
+    """A checkpoint's JSON file, or None when it does not exist; unreadable JSON is a ValueError naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
 def find_chat_template(directory: str | os.PathLike) -> str | None:
     """The checkpoint's chat template, or None if it has none."""
     directory = Path(directory)
 
-    def read_json(name):
-        path = directory / name
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
-
-    processor_config = read_json("processor_config.json") or {}
+    processor_config = read_json(directory / "processor_config.json") or {}
     if processor_config.get("chat_template") is not None:
         return _default_template(processor_config["chat_template"], directory / "processor_config.json")
-    legacy = read_json("chat_template.json")
+    legacy = read_json(directory / "chat_template.json")
     if legacy is not None:
         if "chat_template" not in legacy:
             raise ValueError(f"{directory / 'chat_template.json'} has no 'chat_template' key")
         return _default_template(legacy["chat_template"], directory / "chat_template.json")
     if (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    tokenizer_config = read_json("tokenizer_config.json") or {}
+    tokenizer_config = read_json(directory / "tokenizer_config.json") or {}
     if tokenizer_config.get("chat_template") is not None:
         return _default_template(tokenizer_config["chat_template"], directory / "tokenizer_config.json")
     return None

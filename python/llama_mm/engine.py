@@ -24,7 +24,7 @@ class Engine:
         _C = native_module()
         self.model = model
         t = model.cfg.text
-        weights = {n: p for n, p in model.named_parameters() if n.startswith("language_model.")}
+        weights = engine_weights(model)
         self.native = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
                                 t.num_key_value_heads, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings,
                                 list(t.cross_attention_layers), model.language_model.model.inv_freq)
@@ -54,6 +54,20 @@ class Engine:
         with torch.inference_mode():
             return self.native.generate(*self.request_args(inputs), max_new_tokens, to_native(params),
                                         list(stop_ids), pad_id, on_tokens)
+
+
+def engine_weights(model: MllamaModel) -> dict[str, torch.Tensor]:
+    """The text stack's tensors by canonical name (shared, not copied), plus each unmerged LoRA adapter's A and
+    B * scaling (`<module>.lora_A.weight`, `<module>.lora_B.weight`); merged adapters are already in the weights."""
+    from .lora import lora_layers
+
+    weights = {n: p.detach() for n, p in model.named_parameters()
+               if n.startswith("language_model.") and ".lora_" not in n}
+    for name, layer in lora_layers(model).items():
+        if name.startswith("language_model.") and not layer.merged:
+            weights[name + ".lora_A.weight"] = layer.lora_A.weight.detach()
+            weights[name + ".lora_B.weight"] = (layer.lora_B.weight * layer.scaling).detach()
+    return weights
 
 
 def to_native(p: SamplingParams):

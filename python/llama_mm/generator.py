@@ -32,11 +32,20 @@ class Generator:
     model_dir: a Hugging Face Mllama checkpoint directory; None loads the built-in demo model.
     device: "cpu" or "cuda" (default: cpu). dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16".
     progress: show a progress bar while the weights load.
+    adapter: a LoRA adapter directory (PEFT format) to run with; merge_adapter=True folds it into the weights
+    (fastest), False keeps it separate (the engine adds its low-rank update to each adapted projection).
     """
 
-    def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False):
+    def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False,
+                 adapter: str | Path | None = None, merge_adapter: bool = True):
         self.init_text_side(model_dir)
         self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress)
+        if adapter is not None:
+            from .lora import load_adapter, merge_lora
+
+            load_adapter(self.model, adapter)
+            if merge_adapter:
+                merge_lora(self.model)
         self.engine = Engine(self.model)
         self._lock = threading.Lock()  # one request at a time per engine (it owns the caches)
         self.last_token_count = 0

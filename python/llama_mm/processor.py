@@ -31,15 +31,6 @@ _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pa
 _DEFAULT_IMAGE_TOKEN = "<|image|>"  # what transformers' MllamaProcessor uses when the tokenizer names none
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-
-
 def _token_content(value) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
     if value is None or isinstance(value, str):
@@ -99,10 +90,10 @@ class MllamaProcessor:
         tokenizer.no_padding()  # padding is done here, per call
         tokenizer.no_truncation()
 
-        config = _read_json(directory / "tokenizer_config.json") or {}
+        config = chat_template.read_json(directory / "tokenizer_config.json") or {}
         named = {key: _token_content(config.get(key)) for key in _NAMED_SPECIAL_TOKENS}
         if "added_tokens_decoder" not in config:  # legacy checkpoints keep the names in special_tokens_map.json
-            for key, value in (_read_json(directory / "special_tokens_map.json") or {}).items():
+            for key, value in (chat_template.read_json(directory / "special_tokens_map.json") or {}).items():
                 if key in _NAMED_SPECIAL_TOKENS and named[key] is None:
                     named[key] = _token_content(value)
         named = {k: v for k, v in named.items() if v is not None}
@@ -326,7 +317,7 @@ def _eos_token_ids(directory: Path) -> tuple[int, ...]:
     """Stop tokens: generation_config.json's eos_token_id, else config.json's (text_config first); empty when
     neither file names them (then the tokenizer's eos_token is used)."""
     for source in ("generation_config.json", "config.json"):
-        config = _read_json(directory / source) or {}
+        config = chat_template.read_json(directory / source) or {}
         value = (config.get("text_config") or {}).get("eos_token_id", config.get("eos_token_id"))
         if value is not None:
             ids = value if isinstance(value, list) else [value]

@@ -44,7 +44,9 @@ def attend(q, k, v, mask, groups: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, T, H * D)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q/k/v/o projections with grouped KV heads, shared by self- and cross-attention."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -53,6 +55,8 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+
+class SelfAttention(Projections):
     def forward(self, x, positions, inv_freq, mask):
         B, T, _ = x.shape
         q = ops.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), positions, inv_freq)  # (B, T, H, D)
@@ -62,16 +66,11 @@ class SelfAttention(nn.Module):
         return self.o_proj(out)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Projections):
     """Attention from text queries to projected vision states; q and k are RMS-normalised per head."""
 
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        super().__init__(cfg)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
