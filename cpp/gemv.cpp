@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -45,6 +46,21 @@ void gemv_rows(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t N, i
     const T* wr = w + n * w_stride;
     float sums[B];
     int64_t k = 0;
+#if defined(__AVX512BF16__)
+    if constexpr (B == 1 && std::is_same_v<T, at::BFloat16>) {
+      // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const auto bh = [](const T* p) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p)); };
+      for (; k + 128 <= K; k += 128) {
+        a0 = _mm512_dpbf16_ps(a0, bh(wr + k), bh(x + k));
+        a1 = _mm512_dpbf16_ps(a1, bh(wr + k + 32), bh(x + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, bh(wr + k + 64), bh(x + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, bh(wr + k + 96), bh(x + k + 96));
+      }
+      for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, bh(wr + k), bh(x + k));
+      sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    } else
+#endif
 #if defined(__AVX512F__)
     if constexpr (B == 1) {
       // four independent accumulators hide the FMA latency
