@@ -137,7 +137,7 @@ def user_message(prompt: str) -> list[dict]:
 
 class Pool:
     """Pre-rendered examples: palette-index images [N, S, S] uint8, the palette's normalised pixel values [K, 3]
-    (from the processor), and per example the full token ids and how many of them are prompt."""
+    (from the processor), the generation prompt's token ids, and per example the whole conversation's ids."""
 
     def __init__(self, processor: MllamaProcessor, specs: list, answers: list[str], prompt: str):
         palette = [demo.BACKGROUND] + list(demo.COLOURS.values())
@@ -148,13 +148,14 @@ class Pool:
         for i, spec in enumerate(specs):
             rgb = np.asarray(demo.draw(spec), dtype=np.int64)
             packed = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]  # (S, S)
+            if not np.isin(packed, codes).all():
+                raise RuntimeError(f"image {i} has colours outside demo's palette (anti-aliased drawing?)")
             for k, code in enumerate(codes):
                 self.images[i][packed == code] = k
             if i < 32:  # exactness: the palette reconstruction equals the processor's own output
-                assert np.isin(packed, codes).all(), f"image {i} has colours outside the palette"
-                ours = self.pixel_values(np.array([i]))
                 theirs = processor(images=[[demo.draw(spec)]], text=[processor.image_token])["pixel_values"]
-                assert torch.equal(ours, theirs), "palette pixels differ from the processor's"
+                if not torch.equal(self.pixel_values(np.array([i])), theirs):
+                    raise RuntimeError(f"image {i}: palette pixels differ from the processor's pixel_values")
         self.prompt_ids = tokenize(processor, processor.apply_chat_template(user_message(prompt)))
         cache: dict[str, list[int]] = {}
         self.ids = [cache.get(a) or cache.setdefault(a, full_ids(processor, prompt, a, self.prompt_ids))
