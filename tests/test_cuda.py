@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llama_mm import ops
+from references import attention_ref
 
 if not torch.cuda.is_available():
     SKIP = "no CUDA device (torch.cuda.is_available() is False)"
@@ -129,13 +130,6 @@ def test_elementwise_ops_match_cpu_kernels():
 # ---- attention -------------------------------------------------------------------------------------------------
 
 
-def attention_ref(q, k, v, additive):
-    """q [B, H, D]; k, v [B, Hkv, S, D]; additive [B, S] -> [B, H, D] in float64."""
-    B, H, D = q.shape
-    G = H // k.shape[1]
-    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    scores = torch.einsum("bhd,bhsd->bhs", q.double(), k) / D ** 0.5 + additive.double()[:, None]
-    return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v)
 
 
 def decode_ref(q, k_cache, v_cache, valid, length):

@@ -7,6 +7,7 @@ import llama_mm
 from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
 from llama_mm.engine import Engine
 from checkpoints import build_reference, random_inputs, write_checkpoint
+from references import attention_ref
 
 N = 64
 
@@ -107,13 +108,6 @@ def test_callback_streams_and_stops(setup):
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
-def attention_ref(q, k, v, additive):
-    """q [B, H, D]; k, v [B, Hkv, S, D]; additive [B, S] -> [B, H, D] (float64 reference)."""
-    B, H, D = q.shape
-    G = H // k.shape[1]
-    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    scores = torch.einsum("bhd,bhsd->bhs", q.double(), k) / D ** 0.5 + additive.double()[:, None]
-    return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
