@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import CheckpointError, canonical_name, read_safetensors, transformers_name
+from .weights import CheckpointError, canonical_name, mismatch_report, read_safetensors, transformers_name
 
 # PEFT's names: text self- and cross-attention and MLP, vision attention and MLP, the projector.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -317,13 +317,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     missing = sorted(peft_key for ours, (peft_key, _) in expected.items() if ours not in found)
     wrong = [f"{key}: file {list(t.shape)} vs model {list(expected[ours][1])}"
              for ours, (key, t) in found.items() if tuple(t.shape) != expected[ours][1]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors, not LoRA weights of a targeted module ({len(unexpected)}): {unexpected}")
-    if wrong:
-        problems.append(f"shape mismatches ({len(wrong)}; {CONFIG_FILE} says r={settings.r}): {wrong}")
+    problems = mismatch_report(missing, unexpected, wrong,
+                               unexpected_label="unexpected tensors, not LoRA weights of a targeted module",
+                               shape_note=f"; {CONFIG_FILE} says r={settings.r}")
     if problems:
         raise CheckpointError(f"{weights_path} does not match the model and {CONFIG_FILE}:\n  " + "\n  ".join(problems))
     if not layers:

@@ -165,6 +165,19 @@ def load_checkpoint(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def mismatch_report(missing: list, unexpected: list, wrong: list, unexpected_label: str = "unexpected tensors",
+                    shape_note: str = "") -> list[str]:
+    """The lines of a strict-loading error: every missing, unexpected and wrongly shaped tensor, by name."""
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"{unexpected_label} ({len(unexpected)}): {unexpected}")
+    if wrong:
+        problems.append(f"shape mismatches ({len(wrong)}{shape_note}): {wrong}")
+    return problems
+
+
 def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], device, dtype, source="checkpoint",
                    progress: bool = False):
     """Strictly assign `tensors` (canonical names) to `module`'s parameters, cast to `dtype` on `device`.
@@ -178,13 +191,7 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], de
         f"{n}: checkpoint {list(tensors[n].shape)} vs model {list(p.shape)}"
         for n, p in expected.items() if n in tensors and tensors[n].shape != p.shape
     )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
-    if wrong:
-        problems.append(f"shape mismatches ({len(wrong)}): {wrong}")
+    problems = mismatch_report(missing, unexpected, wrong)
     if problems:
         raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
     state = {}
