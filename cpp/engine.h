@@ -60,7 +60,6 @@ class Engine {
                    const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens);
   at::Tensor step(const at::Tensor& tokens);
 
-  const EngineConfig& config() const { return cfg_; }
 
  private:
   // A linear layer's weight [out, in], and optionally an unmerged LoRA adapter: y = x W^T + (x A^T) B^T with

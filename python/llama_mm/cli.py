@@ -41,8 +41,7 @@ def _load_generator(a):
 
 def cmd_generate(a) -> int:
     if a.backend == "transformers":
-        text = _transformers_answer(a)
-        print(text)
+        print(_transformers_run(a)[0])
         return 0
     import torch
 
@@ -75,12 +74,8 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _transformers_answer(a) -> str:
-    """The same request through transformers (greedy or sampled as asked), for comparison."""
-    return _transformers_run(a)[0]
-
-
 def _transformers_run(a):
+    """The same request through transformers (greedy or sampled as asked): (text, last logits, inputs)."""
     import torch
 
     try:
