@@ -8,7 +8,8 @@ real image geometry (560 px tiles, patch 14: 1601 tokens per tile), one 4-tile i
 Both implementations are loaded side by side and run alternately (best of N each), so both see the same machine
 load. Each run timestamps every token (transformers through its streamer, llama_mm through the step callback):
 time to first token, and decode ms/token = (last - first) / (tokens - 1). Also reports effective bandwidth (bytes of weights read per decode step /
-step time) next to the machine's measured memory read bandwidth. Writes bench/results/decode_cpu.json.
+step time) next to the machine's memory read bandwidth, measured before and after by bench/cpp/read_bandwidth.cpp
+(every core reading 1-8 sequential streams; the best is the limit). Writes bench/results/decode_cpu.json.
 
     python bench/bench_decode.py [--new-tokens 32] [--repeats 3] [--out bench/results/decode_cpu.json]
 """
@@ -27,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from native import read_bandwidth  # noqa: E402
 
 TEXT = dict(vocab_size=128256, hidden_size=1024, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=4,
             intermediate_size=4096, cross_attention_layers=[3, 8], max_position_embeddings=131072,
@@ -42,18 +45,6 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Best-of-N memory read bandwidth in GB/s: a sum over a buffer far larger than the caches."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
 
 
 class Clock:
@@ -136,7 +127,8 @@ def main():
                            "torch": torch.__version__, "python": platform.python_version()},
                "model": {"text": TEXT, "vision": VISION, "images": "one 4-tile image (2x2)", "batch": 1,
                          "prompt_tokens": args.prompt_tokens, "new_tokens": N},
-               "read_bandwidth_GBps": round(read_bandwidth(), 2), "runs": []}
+               "read_bandwidth": read_bandwidth(), "runs": []}
+    results["read_bandwidth_GBps"] = results["read_bandwidth"]["best_GBps"]
 
     def hf_run(model, n, streamer=None):
         with torch.inference_mode():
@@ -174,7 +166,7 @@ def main():
             results["runs"].append(run)
             print(json.dumps(run, indent=1), flush=True)
     results["machine"]["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    results["read_bandwidth_GBps_after"] = round(read_bandwidth(), 2)
+    results["read_bandwidth_after"] = read_bandwidth()
     fp32 = next(r for r in results["runs"] if r["dtype"] == "float32")
     bf16 = next(r for r in results["runs"] if r["dtype"] == "bfloat16")
     results["bf16_decode_speedup_vs_transformers_fp32"] = round(

@@ -36,52 +36,91 @@ inline __m512 load16(const at::Half* p) {
 }
 #endif
 
-// Rows [n0, n1) of y (T, [B, N], each value rounded once from its float32 sum) from x (T, [B, K], contiguous) and
-// w (T, [N, K], rows contiguous); both widened to float32 in registers. Each thread
-// walks its block of weight rows front to back, one row after the other: a single sequential stream that the
-// hardware prefetcher follows (interleaving short rows defeats it); x stays in L1 across rows.
+// Dot products of x (T, [K]) with S weight rows at once, summed in float32. The S rows come from S distant parts of
+// the weight matrix, so the loads form S independent sequential streams: one stream per core leaves memory
+// bandwidth unused (measured here: 1 stream ~17 GB/s, 4 streams ~30 GB/s on two cores).
+template <typename T, int S>
+inline void dot_rows(const T* x, const T* const* wr, int64_t K, float* sums) {
+  int64_t k = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
+    const auto bh = [](const T* p) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p)); };
+    __m512 acc[S][2];
+    for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+      const __m512bh x0 = bh(x + k), x1 = bh(x + k + 32);
+      for (int s = 0; s < S; ++s) {
+        acc[s][0] = _mm512_dpbf16_ps(acc[s][0], bh(wr[s] + k), x0);
+        acc[s][1] = _mm512_dpbf16_ps(acc[s][1], bh(wr[s] + k + 32), x1);
+      }
+    }
+    for (; k + 32 <= K; k += 32)
+      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_dpbf16_ps(acc[s][0], bh(wr[s] + k), bh(x + k));
+    for (int s = 0; s < S; ++s) sums[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
+  } else
+#endif
+  {
+#if defined(__AVX512F__)
+    __m512 acc[S][2];
+    for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+      const __m512 x0 = load16(x + k), x1 = load16(x + k + 16);
+      for (int s = 0; s < S; ++s) {
+        acc[s][0] = _mm512_fmadd_ps(load16(wr[s] + k), x0, acc[s][0]);
+        acc[s][1] = _mm512_fmadd_ps(load16(wr[s] + k + 16), x1, acc[s][1]);
+      }
+    }
+    for (; k + 16 <= K; k += 16)
+      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_fmadd_ps(load16(wr[s] + k), load16(x + k), acc[s][0]);
+    for (int s = 0; s < S; ++s) sums[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
+#else
+    for (int s = 0; s < S; ++s) sums[s] = 0.f;
+#endif
+  }
+  for (; k < K; ++k)
+    for (int s = 0; s < S; ++s) sums[s] += widen(wr[s][k]) * widen(x[k]);
+}
+
+// Batch 1, rows [n0, n1) of y: the block is cut into kStreams contiguous parts walked side by side, one row of each
+// per step; the rows left over (fewer than kStreams) go one at a time.
+constexpr int kStreams = 4;
+
+template <typename T>
+void gemv_rows_1(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t n0, int64_t n1, T* y) {
+  const int64_t part = (n1 - n0) / kStreams;
+  for (int64_t i = 0; i < part; ++i) {
+    const T* wr[kStreams];
+    float sums[kStreams];
+    for (int s = 0; s < kStreams; ++s) wr[s] = w + (n0 + s * part + i) * w_stride;
+    dot_rows<T, kStreams>(x, wr, K, sums);
+    for (int s = 0; s < kStreams; ++s) y[n0 + s * part + i] = static_cast<T>(sums[s]);
+  }
+  for (int64_t n = n0 + kStreams * part; n < n1; ++n) {
+    const T* wr = w + n * w_stride;
+    float sum;
+    dot_rows<T, 1>(x, &wr, K, &sum);
+    y[n] = static_cast<T>(sum);
+  }
+}
+
+// Batch 2-8, rows [n0, n1) of y (T, [B, N], each value rounded once from its float32 sum) from x (T, [B, K],
+// contiguous) and w (T, [N, K], rows contiguous), both widened to float32 in registers: each weight row is read
+// once for all B rows of x, which stay in L1.
 template <typename T, int B>
 void gemv_rows(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * w_stride;
     float sums[B];
     int64_t k = 0;
-#if defined(__AVX512BF16__)
-    if constexpr (B == 1 && std::is_same_v<T, at::BFloat16>) {
-      // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const auto bh = [](const T* p) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p)); };
-      for (; k + 128 <= K; k += 128) {
-        a0 = _mm512_dpbf16_ps(a0, bh(wr + k), bh(x + k));
-        a1 = _mm512_dpbf16_ps(a1, bh(wr + k + 32), bh(x + k + 32));
-        a2 = _mm512_dpbf16_ps(a2, bh(wr + k + 64), bh(x + k + 64));
-        a3 = _mm512_dpbf16_ps(a3, bh(wr + k + 96), bh(x + k + 96));
-      }
-      for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, bh(wr + k), bh(x + k));
-      sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    } else
-#endif
 #if defined(__AVX512F__)
-    if constexpr (B == 1) {
-      // four independent accumulators hide the FMA latency
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(load16(wr + k), load16(x + k), a0);
-        a1 = _mm512_fmadd_ps(load16(wr + k + 16), load16(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(load16(wr + k + 32), load16(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(load16(wr + k + 48), load16(x + k + 48), a3);
-      }
-      for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(wr + k), load16(x + k), a0);
-      sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    } else {
-      __m512 acc[B];
-      for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-      for (; k + 16 <= K; k += 16) {
-        const __m512 wv = load16(wr + k);
-        for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, load16(x + b * K + k), acc[b]);
-      }
-      for (int b = 0; b < B; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
+    __m512 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = load16(wr + k);
+      for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, load16(x + b * K + k), acc[b]);
     }
+    for (int b = 0; b < B; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
 #else
     for (int b = 0; b < B; ++b) sums[b] = 0.f;
 #endif
@@ -97,7 +136,7 @@ template <typename T>
 void gemv_dispatch(const T* x, int64_t B, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1,
                    T* y) {
   switch (B) {
-    case 1: return gemv_rows<T, 1>(x, w, ws, K, N, n0, n1, y);
+    case 1: return gemv_rows_1<T>(x, w, ws, K, n0, n1, y);
     case 2: return gemv_rows<T, 2>(x, w, ws, K, N, n0, n1, y);
     case 3: return gemv_rows<T, 3>(x, w, ws, K, N, n0, n1, y);
     case 4: return gemv_rows<T, 4>(x, w, ws, K, N, n0, n1, y);

@@ -167,11 +167,15 @@ def test_attention_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("rows,N,K", [(1, 64, 1024), (3, 37, 129), (8, 1030, 16), (1, 5, 7), (2, 300, 4100)])
-def test_gemv(dtype, tol, rows, N, K):
+@pytest.mark.parametrize("rows,N,K,row_stride", [(1, 64, 1024, 1024), (3, 37, 129, 129), (8, 1030, 16, 16),
+                                                  (1, 5, 7, 7), (2, 300, 4100, 4100), (1, 1031, 100, 100),
+                                                  (1, 2053, 96, 160), (4, 19, 40, 72)])
+def test_gemv(dtype, tol, rows, N, K, row_stride):
+    # batch 1 walks 4 parts of each thread's rows side by side: odd N leaves rows over, K not a multiple of the
+    # vector width leaves a tail, row_stride > K is a column slice of a wider weight
     g = torch.Generator().manual_seed(N + K)
     x = torch.randn(rows, 1, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
+    w = torch.randn(N, row_stride, generator=g).to(dtype)[:, :K]
     out = torch.ops.llama_mm.gemv(x, w)
     expected = x.double() @ w.double().T
     err = ((out.double() - expected).abs().max() / expected.abs().max()).item()

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "build" / "bench"
+sys.path.insert(0, str(ROOT / "bench"))
+from native import build  # noqa: E402
+
 OUT = ROOT / "bench" / "results" / "cpu_ops_microbench.json"
 
 
@@ -26,15 +28,11 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    configure = ["cmake", "-S", str(ROOT), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                 "-DLLAMA_MM_BUILD_BENCH=ON", f"-DPython_EXECUTABLE={sys.executable}"]
-    build = ["cmake", "--build", str(BUILD), "-j2", "--target", "llama_mm_bench"]
-    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(build, check=True)
+    bench = build("llama_mm_bench")
     load_before = os.getloadavg()
     cases = []
     for threads in (1, os.cpu_count()):
-        run = subprocess.run([str(BUILD / "llama_mm_bench"), str(threads)], check=True, capture_output=True, text=True)
+        run = subprocess.run([str(bench), str(threads)], check=True, capture_output=True, text=True)
         cases += [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     for c in cases:
         print(f"{c['op']:9s} {c['case']:8s} {c['dtype']:9s} {str(c['shape']):18s} threads {c['threads']}  "
