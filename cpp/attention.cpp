@@ -13,57 +13,168 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu_utils.h"
 
 namespace llama_mm::cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+constexpr int64_t V = fVec::size();
+// Keys per block: a block of K or V rows is widened to float32 once into a scratch buffer that stays in L1.
+constexpr int64_t kBlock = 4 * V;
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+// out[i] = sum of the lanes of in[i], for i < V (one vector of V sums).
+inline fVec reduce_lanes(const fVec* in) {
 #if defined(CPU_CAPABILITY_AVX512)
-  float s = _mm512_reduce_add_ps(acc);
+  // pairs of vectors -> 128-bit lanes of 4 partial sums -> whole vectors: 45 shuffles/adds for 16 sums
+  __m512 s2[8], s4[4], s8[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = in[2 * i], b = in[2 * i + 1];
+    s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(s2[2 * i]), b = _mm512_castps_pd(s2[2 * i + 1]);
+    s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)
+    s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s8[0], s8[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s8[0], s8[1], _MM_SHUFFLE(3, 1, 3, 1)));
 #else
-  float lanes[Vec::size()];
-  acc.store(lanes);
-  float s = 0.f;
-  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  __at_align__ float sums[V];
+  for (int64_t i = 0; i < V; ++i) sums[i] = hsum(in[i]);
+  return fVec::loadu(sums);
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(a, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
+// n <= kBlock rows of D elements of T (row stride `stride`) as float32 rows of D: the rows themselves when T is
+// float32, else widened into `scratch`.
 template <typename T>
-inline const float* as_float(const T* src, float* scratch, int64_t n) {
+inline const float* rows_as_float(const T* src, int64_t stride, int64_t n, int64_t D, float* scratch,
+                                  int64_t& out_stride) {
   if constexpr (std::is_same_v<T, float>) {
+    out_stride = stride;
     return src;
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    // bfloat16 is the top half of a float32: a shift the compiler vectorises
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    uint32_t* out = reinterpret_cast<uint32_t*>(scratch);
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-    return scratch;
   } else {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t d = 0;
+      for (; d + V <= D; d += V) load1(src + j * stride + d).store(scratch + j * D + d);
+      for (; d < D; ++d) scratch[j * D + d] = static_cast<float>(src[j * stride + d]);
+    }
+    out_stride = D;
     return scratch;
   }
 }
 
+// s[j] = q . k_j for n <= V rows k_j = k + j * ks (D floats; q zero-padded to a multiple of V).
+inline fVec dot_rows(const float* q, const float* k, int64_t ks, int64_t n, int64_t D) {
+  fVec part[V];
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * ks;
+    fVec acc(0.f);
+    int64_t d = 0;
+    for (; d + V <= D; d += V) acc = at::vec::fmadd(fVec::loadu(q + d), fVec::loadu(kj + d), acc);
+    if (d < D) acc = at::vec::fmadd(fVec::loadu(q + d), fVec::loadu(kj + d, D - d), acc);
+    part[j] = acc;
+  }
+  for (int64_t j = n; j < V; ++j) part[j] = fVec(0.f);
+  return reduce_lanes(part);
+}
+
+// dot_rows for exactly V rows of D = NV * V: q held in registers, the V dot products unrolled into independent
+// chains (the head dims of Llama 3.2 Vision, 64 in the small test models and 128 in the real ones).
+template <int NV>
+inline fVec dot_rows_fixed(const fVec* q, const float* k, int64_t ks) {
+  fVec part[V];
+  for (int j = 0; j < V; ++j) {
+    const float* kj = k + j * ks;
+    fVec acc = q[0] * fVec::loadu(kj);
+    for (int i = 1; i < NV; ++i) acc = at::vec::fmadd(q[i], fVec::loadu(kj + i * V), acc);
+    part[j] = acc;
+  }
+  return reduce_lanes(part);
+}
+
+// scores[j] = (q . k_j) * scale (+ mask_add[j]) for n rows k_j = k + j * ks.
+template <int NV>
+void scores_block(const float* q, const float* k, int64_t ks, int64_t n, int64_t D, float scale,
+                  const float* mask_add, float* scores) {
+  fVec qv[NV > 0 ? NV : 1];
+  if constexpr (NV > 0)
+    for (int i = 0; i < NV; ++i) qv[i] = fVec::loadu(q + i * V);
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t w = std::min(V, n - j);
+    fVec s;
+    if constexpr (NV > 0) {
+      s = w == V ? dot_rows_fixed<NV>(qv, k + j * ks, ks) : dot_rows(q, k + j * ks, ks, w, D);
+    } else {
+      s = dot_rows(q, k + j * ks, ks, w, D);
+    }
+    s = s * fVec(scale);
+    if (mask_add) s = s + fVec::loadu(mask_add + j, w);
+    s.store(scores + j, w);
+  }
+}
+
+// acc[0, D) += sum_j p[j] * v_j for n rows v_j = v + j * vs (D floats). Chunks of 4 vectors stay in registers.
+inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + 4 * V <= D; d += 4 * V) {
+    fVec a0 = fVec::loadu(acc + d), a1 = fVec::loadu(acc + d + V), a2 = fVec::loadu(acc + d + 2 * V),
+         a3 = fVec::loadu(acc + d + 3 * V);
+    for (int64_t j = 0; j < n; ++j) {
+      const fVec pj(p[j]);
+      const float* vj = v + j * vs + d;
+      a0 = at::vec::fmadd(pj, fVec::loadu(vj), a0);
+      a1 = at::vec::fmadd(pj, fVec::loadu(vj + V), a1);
+      a2 = at::vec::fmadd(pj, fVec::loadu(vj + 2 * V), a2);
+      a3 = at::vec::fmadd(pj, fVec::loadu(vj + 3 * V), a3);
+    }
+    a0.store(acc + d);
+    a1.store(acc + d + V);
+    a2.store(acc + d + 2 * V);
+    a3.store(acc + d + 3 * V);
+  }
+  for (; d < D; d += V) {
+    const int64_t w = std::min(V, D - d);
+    fVec a = fVec::loadu(acc + d, w);
+    for (int64_t j = 0; j < n; ++j) a = at::vec::fmadd(fVec(p[j]), fVec::loadu(v + j * vs + d, w), a);
+    a.store(acc + d, w);
+  }
+}
+
+// s[0, n) <- softmax(s[0, n)) in float32.
+inline void softmax(float* s, int64_t n) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  fVec mx_v(lowest);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) mx_v = at::vec::maximum(mx_v, fVec::loadu(s + j));
+  __at_align__ float lanes[V];
+  mx_v.store(lanes);
+  float mx = lowest;
+  for (int64_t l = 0; l < V; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  fVec sum_v(0.f);
+  for (j = 0; j + V <= n; j += V) {
+    const fVec e = (fVec::loadu(s + j) - fVec(mx)).exp();
+    e.store(s + j);
+    sum_v = sum_v + e;
+  }
+  float sum = hsum(sum_v);
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  const fVec inv(1.f / sum);
+  for (j = 0; j + V <= n; j += V) (fVec::loadu(s + j) * inv).store(s + j);
+  for (; j < n; ++j) s[j] *= 1.f / sum;
+}
+
 // q [B, H, D]; k, v [B, Hkv, >=S, D] (last dim contiguous); mask_add [B, >=S] float additive or nullptr;
-// key_valid [B, >=S] bool or nullptr. Writes out [B, H, D] contiguous.
+// key_valid [B, >=S] bool or nullptr. Writes out [B, H, D] contiguous. One task per (row, KV head): its G query
+// heads share every K and V row read.
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* mask_add,
             int64_t mask_stride, const bool* key_valid, int64_t valid_stride, int64_t S, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv;
+  const int64_t Dp = (D + V - 1) / V * V;  // q rows zero-padded to whole vectors
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float lowest = std::numeric_limits<float>::lowest();
   const T* qp = q.data_ptr<T>();
@@ -75,39 +186,44 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), scores(G * S), acc(G * D), row(D);
+    std::vector<float> qf(G * Dp), scores(G * S), acc(G * D), block(kBlock * D);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / Hkv, h = unit % Hkv;
+      std::fill(qf.begin(), qf.end(), 0.f);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[b * qsb + (h * G + g) * qsh + d]);
-      // scores[g, j] = q_g . k_j * scale + mask
+        for (int64_t d = 0; d < D; ++d) qf[g * Dp + d] = static_cast<float>(qp[b * qsb + (h * G + g) * qsh + d]);
+      // scores[g, j] = q_g . k_j * scale + mask, V keys at a time
       const T* kb = kp + b * ksb + h * ksh;
-      for (int64_t j = 0; j < S; ++j) {
-        const float* kj = as_float(kb + j * kss, row.data(), D);
-        const bool masked = key_valid && !key_valid[b * valid_stride + j];
-        const float add = mask_add ? mask_add[b * mask_stride + j] : 0.f;
-        for (int64_t g = 0; g < G; ++g)
-          scores[g * S + j] = masked ? lowest : dot(qf.data() + g * D, kj, D) * scale + add;
+      for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, S - j0);
+        int64_t ks;
+        const float* kf = rows_as_float(kb + j0 * kss, kss, n, D, block.data(), ks);
+        const float* mask = mask_add ? mask_add + b * mask_stride + j0 : nullptr;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf.data() + g * Dp;
+          float* sg = scores.data() + g * S + j0;
+          if (D == 4 * V) {
+            scores_block<4>(qg, kf, ks, n, D, scale, mask, sg);
+          } else if (D == 8 * V) {
+            scores_block<8>(qg, kf, ks, n, D, scale, mask, sg);
+          } else {
+            scores_block<0>(qg, kf, ks, n, D, scale, mask, sg);
+          }
+        }
+        if (key_valid)
+          for (int64_t j = 0; j < n; ++j)
+            if (!key_valid[b * valid_stride + j0 + j])
+              for (int64_t g = 0; g < G; ++g) scores[g * S + j0 + j] = lowest;
       }
-      // softmax per query head
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * S;
-        float mx = lowest;
-        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < S; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < S; ++j) s[j] *= inv;
-      }
+      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * S, S);
       // out_g = sum_j p[g, j] v_j
       std::fill(acc.begin(), acc.end(), 0.f);
       const T* vb = vp + b * vsb + h * vsh;
-      for (int64_t j = 0; j < S; ++j) {
-        const float* vj = as_float(vb + j * vss, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * S + j];
-          if (p != 0.f) axpy(p, vj, acc.data() + g * D, D);
-        }
+      for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, S - j0);
+        int64_t vs;
+        const float* vf = rows_as_float(vb + j0 * vss, vss, n, D, block.data(), vs);
+        for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * S + j0, vf, vs, n, D, acc.data() + g * D);
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d]);

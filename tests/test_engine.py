@@ -128,14 +128,16 @@ def test_decode_attention(dtype, tol, B, H, Hkv, S, D):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_cross_attention(dtype, tol):
-    g = torch.Generator().manual_seed(0)
-    B, H, Hkv, S, D = 2, 8, 2, 3 * 40, 32
+@pytest.mark.parametrize("B,H,Hkv,tile,D", [(2, 8, 2, 40, 32), (1, 16, 4, 1601, 64), (2, 32, 8, 1601, 128)])
+def test_cross_attention(dtype, tol, B, H, Hkv, tile, D):
+    # head dims 64 and 128 take the unrolled score path; 1601-token tiles leave a partial block of keys
+    g = torch.Generator().manual_seed(D)
+    S = 3 * tile
     q = torch.randn(B, H, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     mask = torch.zeros(B, S)
-    mask[0, 40:] = torch.finfo(torch.float32).min  # row 0 sees the first tile only
+    mask[0, tile:] = torch.finfo(torch.float32).min  # row 0 sees the first tile only
     out = torch.ops.llama_mm.cross_attention(q, k, v, mask)
     err = (out.double() - attention_ref(q, k, v, mask)).abs().max().item()
     print(f"cross_attention {dtype} max abs diff {err:.2e}")
