@@ -23,6 +23,11 @@ constexpr int64_t V = fVec::size();
 constexpr int64_t kBlock = 4 * V;
 
 // out[i] = sum of the lanes of in[i], for i < V (one vector of V sums).
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the deliberately undefined pass-through operand inside the unpack/shuffle intrinsics
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 inline fVec reduce_lanes(const fVec* in) {
 #if defined(CPU_CAPABILITY_AVX512)
   // pairs of vectors -> 128-bit lanes of 4 partial sums -> whole vectors: 45 shuffles/adds for 16 sums
@@ -46,6 +51,9 @@ inline fVec reduce_lanes(const fVec* in) {
   return fVec::loadu(sums);
 #endif
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // n <= kBlock rows of D elements of T (row stride `stride`) as float32 rows of D: the rows themselves when T is
 // float32, else widened into `scratch`.
@@ -116,6 +124,38 @@ void scores_block(const float* q, const float* k, int64_t ks, int64_t n, int64_t
   }
 }
 
+#if defined(__AVX512BF16__)
+// Scores straight from bfloat16 keys, D = NV * V: vdpbf16ps multiplies pairs of bfloat16 (products exact in
+// float32) into float32 lanes. q is bfloat16 itself, so only the order of the float32 sums differs from widening
+// first; no key block is widened. n <= V rows; q holds NV / 2 vectors of 32 bfloat16.
+template <int NV>
+inline fVec dot_rows_bf16(const __m512bh* q, const at::BFloat16* k, int64_t ks, int64_t n) {
+  fVec part[V];
+  for (int64_t j = 0; j < n; ++j) {
+    const at::BFloat16* kj = k + j * ks;
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < NV / 2; ++i)
+      acc = _mm512_dpbf16_ps(acc, q[i], (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kj + 2 * V * i)));
+    part[j] = acc;
+  }
+  for (int64_t j = n; j < V; ++j) part[j] = fVec(0.f);
+  return reduce_lanes(part);
+}
+
+template <int NV>
+void scores_block_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t ks, int64_t n, float scale,
+                       const float* mask_add, float* scores) {
+  __m512bh qv[NV / 2];
+  for (int i = 0; i < NV / 2; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + 2 * V * i));
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t w = std::min(V, n - j);
+    fVec s = dot_rows_bf16<NV>(qv, k + j * ks, ks, w) * fVec(scale);
+    if (mask_add) s = s + fVec::loadu(mask_add + j, w);
+    s.store(scores + j, w);
+  }
+}
+#endif
+
 // acc[0, D) += sum_j p[j] * v_j for n rows v_j = v + j * vs (D floats). Chunks of 4 vectors stay in registers.
 inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, int64_t D, float* acc) {
   int64_t d = 0;
@@ -167,6 +207,14 @@ inline void softmax(float* s, int64_t n) {
   for (; j < n; ++j) s[j] *= 1.f / sum;
 }
 
+// scores[g * S + j] = lowest float for the keys j < n with valid[j] false (none when valid is null).
+inline void mask_keys(const bool* valid, int64_t n, int64_t G, int64_t S, float* scores) {
+  if (!valid) return;
+  for (int64_t j = 0; j < n; ++j)
+    if (!valid[j])
+      for (int64_t g = 0; g < G; ++g) scores[g * S + j] = std::numeric_limits<float>::lowest();
+}
+
 // q [B, H, D]; k, v [B, Hkv, >=S, D] (last dim contiguous); mask_add [B, >=S] float additive or nullptr;
 // key_valid [B, >=S] bool or nullptr. Writes out [B, H, D] contiguous. One task per (row, KV head): its G query
 // heads share every K and V row read.
@@ -176,7 +224,6 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv;
   const int64_t Dp = (D + V - 1) / V * V;  // q rows zero-padded to whole vectors
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float lowest = std::numeric_limits<float>::lowest();
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -196,9 +243,26 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       const T* kb = kp + b * ksb + h * ksh;
       for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
         const int64_t n = std::min(kBlock, S - j0);
+        const float* mask = mask_add ? mask_add + b * mask_stride + j0 : nullptr;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (D == 4 * V || D == 8 * V) {
+            for (int64_t g = 0; g < G; ++g) {
+              const T* qg = qp + b * qsb + (h * G + g) * qsh;
+              float* sg = scores.data() + g * S + j0;
+              if (D == 4 * V) {
+                scores_block_bf16<4>(qg, kb + j0 * kss, kss, n, scale, mask, sg);
+              } else {
+                scores_block_bf16<8>(qg, kb + j0 * kss, kss, n, scale, mask, sg);
+              }
+            }
+            mask_keys(key_valid ? key_valid + b * valid_stride + j0 : nullptr, n, G, S, scores.data() + j0);
+            continue;
+          }
+        }
+#endif
         int64_t ks;
         const float* kf = rows_as_float(kb + j0 * kss, kss, n, D, block.data(), ks);
-        const float* mask = mask_add ? mask_add + b * mask_stride + j0 : nullptr;
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * Dp;
           float* sg = scores.data() + g * S + j0;
@@ -210,10 +274,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             scores_block<0>(qg, kf, ks, n, D, scale, mask, sg);
           }
         }
-        if (key_valid)
-          for (int64_t j = 0; j < n; ++j)
-            if (!key_valid[b * valid_stride + j0 + j])
-              for (int64_t g = 0; g < G; ++g) scores[g * S + j0 + j] = lowest;
+        mask_keys(key_valid ? key_valid + b * valid_stride + j0 : nullptr, n, G, S, scores.data() + j0);
       }
       for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * S, S);
       // out_g = sum_j p[g, j] v_j
