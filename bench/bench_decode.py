@@ -123,6 +123,7 @@ def main():
     vision_tokens = 4 * (560 // 14) ** 2 + 4
     load_before = os.getloadavg()
     results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version()},
                "model": {"text": TEXT, "vision": VISION, "images": "one 4-tile image (2x2)", "batch": 1,
@@ -162,6 +163,8 @@ def main():
                 "decode_speedup_vs_transformers_same_dtype": round(hf_decode / decode, 2),
                 "fraction_of_read_bandwidth": round(step_bytes / decode / 1e9 / results["read_bandwidth_GBps"], 3),
                 "greedy_tokens_identical_to_transformers": bool(torch.equal(tokens, hf_tokens)),
+                # bf16 rounds in a different order than transformers' kernels: near-ties can flip a token
+                "leading_tokens_identical": int((tokens == hf_tokens).long().cumprod(1).sum()),
             }
             results["runs"].append(run)
             print(json.dumps(run, indent=1), flush=True)
