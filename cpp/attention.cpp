@@ -183,6 +183,31 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
   }
 }
 
+// acc[g, 0, D) += sum_j p[g, j] * v_j for 4 heads g at once (p rows p_stride apart, acc rows D apart), n rows
+// v_j = v + j * vs of T widened in registers, D a multiple of 4 * V: every V row is read once for the 4 heads and
+// the 16 accumulators of a 4 * V column chunk stay in registers.
+template <typename T>
+void weighted_sum_4heads(const float* p, int64_t p_stride, const T* v, int64_t vs, int64_t n, int64_t D, float* acc) {
+  for (int64_t d = 0; d < D; d += 4 * V) {
+    fVec a[4][4];
+    for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i] = fVec::loadu(acc + g * D + d + i * V);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vj = v + j * vs + d;
+      const fVec v0 = load1(vj), v1 = load1(vj + V), v2 = load1(vj + 2 * V), v3 = load1(vj + 3 * V);
+      for (int g = 0; g < 4; ++g) {
+        const fVec pj(p[g * p_stride + j]);
+        a[g][0] = at::vec::fmadd(pj, v0, a[g][0]);
+        a[g][1] = at::vec::fmadd(pj, v1, a[g][1]);
+        a[g][2] = at::vec::fmadd(pj, v2, a[g][2]);
+        a[g][3] = at::vec::fmadd(pj, v3, a[g][3]);
+      }
+    }
+    for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i].store(acc + g * D + d + i * V);
+  }
+}
+
 // s[0, n) <- softmax(s[0, n)) in float32.
 inline void softmax(float* s, int64_t n) {
   const float lowest = std::numeric_limits<float>::lowest();
@@ -280,11 +305,17 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       // out_g = sum_j p[g, j] v_j
       std::fill(acc.begin(), acc.end(), 0.f);
       const T* vb = vp + b * vsb + h * vsh;
-      for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, S - j0);
-        int64_t vs;
-        const float* vf = rows_as_float(vb + j0 * vss, vss, n, D, block.data(), vs);
-        for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * S + j0, vf, vs, n, D, acc.data() + g * D);
+      if (G % 4 == 0 && D % (4 * V) == 0) {
+        for (int64_t g = 0; g < G; g += 4)
+          weighted_sum_4heads(scores.data() + g * S, S, vb, vss, S, D, acc.data() + g * D);
+      } else {
+        for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
+          const int64_t n = std::min(kBlock, S - j0);
+          int64_t vs;
+          const float* vf = rows_as_float(vb + j0 * vss, vss, n, D, block.data(), vs);
+          for (int64_t g = 0; g < G; ++g)
+            weighted_sum(scores.data() + g * S + j0, vf, vs, n, D, acc.data() + g * D);
+        }
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d]);
