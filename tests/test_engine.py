@@ -61,49 +61,45 @@ def test_stops_on_end_ids_like_transformers(setup):
     assert ours.shape[1] < 20  # everyone stopped: the loop ended early
 
 
-def test_engine_logits_match_pytorch_path(setup):
-    """Prefill and each decode step against the PyTorch model run on the whole sequence."""
-    ref, model, engine = setup
-    inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
+def teacher_forced(engine, inputs, steps, reference):
+    """Prefill, then steps - 1 decode steps, each fed the reference's greedy token. Yields, per step, the engine's
+    logits, the whole sequence so far as model inputs, and reference(those inputs) at the last position."""
     ids = inputs["input_ids"]
-    logits = engine.native.start(*engine.request_args(inputs), 4)
-    for step in range(4):
+    logits = engine.native.start(*engine.request_args(inputs), steps)
+    for step in range(steps):
         full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
                     cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
                                                    [inputs["cross_attention_mask"][:, -1:]] * step, 1))
         with torch.no_grad():
-            expected = model(**full).logits[:, -1]
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-        nxt = logits.argmax(-1)
+            expected = reference(full)
+        yield logits, full, expected
+        nxt = expected.argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], 1)
-        if step < 3:
+        if step < steps - 1:
             logits = engine.native.step(nxt)
+
+
+def test_engine_logits_match_pytorch_path(setup):
+    """Prefill and each decode step against the PyTorch model run on the whole sequence."""
+    ref, model, engine = setup
+    inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
+    for logits, _, expected in teacher_forced(engine, inputs, 4, lambda full: model(**full).logits[:, -1]):
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_bf16_engine_as_accurate_as_transformers_bf16(setup, tmp_path):
     """bf16 cannot match token for token (rounding order differs), so measure both bf16 implementations against
     float32 arithmetic on the same bf16-rounded weights: ours must be about as close as transformers' own bf16."""
     ref, _, _ = setup
-    path = write_checkpoint(tmp_path, ref)
-    engine = Engine(llama_mm.load_model(path, dtype=torch.bfloat16))
+    engine = Engine(llama_mm.load_model(write_checkpoint(tmp_path, ref), dtype=torch.bfloat16))
     hf16 = copy.deepcopy(ref).to(torch.bfloat16)
     truth = copy.deepcopy(hf16).float()  # float32 arithmetic, bf16-rounded weights
     inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
-    ids = inputs["input_ids"]
-    logits = engine.native.start(*engine.request_args(inputs), 4)
     errors = []
-    for step in range(4):
-        full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
-                    cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
-                                                   [inputs["cross_attention_mask"][:, -1:]] * step, 1))
+    for logits, full, exact in teacher_forced(engine, inputs, 4, lambda full: truth(**full).logits[:, -1]):
         with torch.no_grad():
-            exact = truth(**full).logits[:, -1]
             theirs = hf16(**dict(full, pixel_values=full["pixel_values"].bfloat16())).logits[:, -1].float()
         errors.append(((logits.float() - exact).abs().max().item(), (theirs - exact).abs().max().item()))
-        nxt = exact.argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        if step < 3:
-            logits = engine.native.step(nxt)
     print("max |logit error| (llama_mm bf16, transformers bf16) per step:", errors)
     ours, theirs = map(max, zip(*errors))
     assert theirs > 0 and ours <= 1.5 * theirs
