@@ -135,7 +135,7 @@ inline fVec dot_rows_bf16(const __m512bh* q, const at::BFloat16* k, int64_t ks, 
     const at::BFloat16* kj = k + j * ks;
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < NV / 2; ++i)
-      acc = _mm512_dpbf16_ps(acc, q[i], (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kj + 2 * V * i)));
+      acc = _mm512_dpbf16_ps(acc, q[i], load32_bh(kj + 2 * V * i));
     part[j] = acc;
   }
   for (int64_t j = n; j < V; ++j) part[j] = fVec(0.f);
@@ -146,7 +146,7 @@ template <int NV>
 void scores_block_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t ks, int64_t n, float scale,
                        const float* mask_add, float* scores) {
   __m512bh qv[NV / 2];
-  for (int i = 0; i < NV / 2; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + 2 * V * i));
+  for (int i = 0; i < NV / 2; ++i) qv[i] = load32_bh(q + 2 * V * i);
   for (int64_t j = 0; j < n; j += V) {
     const int64_t w = std::min(V, n - j);
     fVec s = dot_rows_bf16<NV>(qv, k + j * ks, ks, w) * fVec(scale);

@@ -8,6 +8,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <tuple>
 #include <type_traits>
 
@@ -86,6 +89,13 @@ inline float hsum(const fVec& v) {
   for (int64_t i = 0; i < fVec::size(); ++i) s += a[i];
   return s;
 }
+
+#if defined(__AVX512BF16__)
+// 32 bfloat16 at p as the operand of vdpbf16ps (products of pairs, exact in float32).
+inline __m512bh load32_bh(const at::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+#endif
 
 // Rows per at::parallel_for task so that one task touches about at::internal::GRAIN_SIZE elements.
 inline int64_t row_grain(int64_t row_elems) {

@@ -1,18 +1,18 @@
 // Small-batch linear layer for the decode step (CPU): y[b, n] = sum_k x[b, k] * w[n, k], b < 8.
 //
 // At batch 1-8 a linear layer is a matrix-vector product bound by reading w once. This kernel streams each weight
-// row once for all batch rows, widening bfloat16/float16 weights to float32 in registers and accumulating in
-// float32 (products exact, one rounding of the output to the input dtype), parallel over output rows.
+// row once for all batch rows, parallel over output rows; products are exact in float32 (bfloat16 pairs through
+// vdpbf16ps, other types widened to float32 in registers), summed in float32 and rounded once to the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_utils.h"
 #include "gemv.h"
 
 namespace llama_mm::cpu {
@@ -36,6 +36,7 @@ inline __m512 load16(const at::Half* p) {
 }
 #endif
 
+
 // Dot products of x (T, [K]) with S weight rows at once, summed in float32. The S rows come from S distant parts of
 // the weight matrix, so the loads form S independent sequential streams: one stream per core leaves memory
 // bandwidth unused. Each stream is also prefetched kPrefetchBytes ahead (past a row's end that is the stream's
@@ -52,20 +53,19 @@ inline void dot_rows(const T* x, const T* const* wr, int64_t K, float* sums) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
-    const auto bh = [](const T* p) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p)); };
     __m512 acc[S][2];
     for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_ps();
     for (; k + 64 <= K; k += 64) {
-      const __m512bh x0 = bh(x + k), x1 = bh(x + k + 32);
+      const __m512bh x0 = load32_bh(x + k), x1 = load32_bh(x + k + 32);
       for (int s = 0; s < S; ++s) {
         prefetch(wr[s] + k);
         prefetch(wr[s] + k + 32);
-        acc[s][0] = _mm512_dpbf16_ps(acc[s][0], bh(wr[s] + k), x0);
-        acc[s][1] = _mm512_dpbf16_ps(acc[s][1], bh(wr[s] + k + 32), x1);
+        acc[s][0] = _mm512_dpbf16_ps(acc[s][0], load32_bh(wr[s] + k), x0);
+        acc[s][1] = _mm512_dpbf16_ps(acc[s][1], load32_bh(wr[s] + k + 32), x1);
       }
     }
     for (; k + 32 <= K; k += 32)
-      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_dpbf16_ps(acc[s][0], bh(wr[s] + k), bh(x + k));
+      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_dpbf16_ps(acc[s][0], load32_bh(wr[s] + k), load32_bh(x + k));
     for (int s = 0; s < S; ++s) sums[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
   } else
 #endif
@@ -129,11 +129,10 @@ void gemv_rows(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t N, i
     for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      const auto bh = [](const T* p) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p)); };
-      for (; k + 32 <= K; k += 32) {
+        for (; k + 32 <= K; k += 32) {
         prefetch(wr + k);
-        const __m512bh wv = bh(wr + k);
-        for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbf16_ps(acc[b], wv, bh(x + b * K + k));
+        const __m512bh wv = load32_bh(wr + k);
+        for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbf16_ps(acc[b], wv, load32_bh(x + b * K + k));
       }
     } else
 #endif
