@@ -93,6 +93,31 @@ def test_greedy_is_argmax_after_penalty():
     assert nat[0] != x[0].argmax()
 
 
+def test_greedy_picks_like_torch_argmax():
+    """The first index of the maximum, in rows that tie across and within blocks, end in a partial block, hold
+    signed zeros or only -inf; in float32 and bfloat16."""
+    n = 128256
+    rows = torch.randn(8, n, generator=torch.Generator().manual_seed(3))
+    rows[1, 7000] = rows[1, 90001] = rows[1, 90002] = 50.0  # ties: three blocks apart and side by side
+    rows[2, -1] = 60.0  # in the last, partial block
+    rows[3] = float("-inf")
+    rows[4] = -1.0
+    rows[4, 300], rows[4, 299] = 0.0, -0.0  # 0.0 == -0.0: the first wins
+    rows[5, 17] = rows[5, 16] = 9.0  # side by side in the first block
+    rows[6, :] = 2.0  # all equal
+    for x in (rows, rows.bfloat16()):
+        nat = _C.sample_next(x, None, native(SamplingParams()), 0, 1)[0]
+        assert torch.equal(nat, x.float().argmax(-1)), (nat, x.float().argmax(-1))
+
+
+@pytest.mark.parametrize("where", [5, 128250])
+def test_greedy_rejects_nan_anywhere(where):
+    x = torch.randn(2, 128256)
+    x[1, where] = float("nan")
+    with pytest.raises(ValueError, match="NaN logits"):
+        _C.sample_next(x, None, native(SamplingParams()), 0, 1)
+
+
 def test_top_k_never_leaves_the_top_k():
     x = logits(B=1)
     p = SamplingParams(do_sample=True, top_k=7, temperature=2.0)
