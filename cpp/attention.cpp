@@ -208,36 +208,41 @@ void weighted_sum_4heads(const float* p, int64_t p_stride, const T* v, int64_t v
   }
 }
 
-// s[0, n) <- softmax(s[0, n)) in float32.
-inline void softmax(float* s, int64_t n) {
-  const float lowest = std::numeric_limits<float>::lowest();
-  fVec mx_v(lowest);
+// One block of n scores of a query head in a single-pass (online) softmax: m is the running maximum, l the running
+// sum of exp(s - m) and acc [D] the running sum of exp(s - m) v. s[0, n) becomes exp(s - m) with the new m, and
+// acc and l are rescaled when the maximum grows. The final output is acc / l.
+inline void online_softmax_block(float* s, int64_t n, float& m, float& l, float* acc, int64_t D) {
+  fVec mx_v(std::numeric_limits<float>::lowest());
   int64_t j = 0;
   for (; j + V <= n; j += V) mx_v = at::vec::maximum(mx_v, fVec::loadu(s + j));
   __at_align__ float lanes[V];
   mx_v.store(lanes);
-  float mx = lowest;
-  for (int64_t l = 0; l < V; ++l) mx = std::max(mx, lanes[l]);
-  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  float bm = std::numeric_limits<float>::lowest();
+  for (int64_t i = 0; i < V; ++i) bm = std::max(bm, lanes[i]);
+  for (; j < n; ++j) bm = std::max(bm, s[j]);
+  if (bm > m) {
+    const float factor = std::exp(m - bm);  // 0 for the first block (m = -inf)
+    l *= factor;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= factor;
+    m = bm;
+  }
   fVec sum_v(0.f);
   for (j = 0; j + V <= n; j += V) {
-    const fVec e = (fVec::loadu(s + j) - fVec(mx)).exp();
+    const fVec e = (fVec::loadu(s + j) - fVec(m)).exp();
     e.store(s + j);
     sum_v = sum_v + e;
   }
   float sum = hsum(sum_v);
-  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-  const fVec inv(1.f / sum);
-  for (j = 0; j + V <= n; j += V) (fVec::loadu(s + j) * inv).store(s + j);
-  for (; j < n; ++j) s[j] *= 1.f / sum;
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
+  l += sum;
 }
 
-// scores[g * S + j] = lowest float for the keys j < n with valid[j] false (none when valid is null).
-inline void mask_keys(const bool* valid, int64_t n, int64_t G, int64_t S, float* scores) {
+// scores[g * stride + j] = lowest float for the keys j < n with valid[j] false (none when valid is null).
+inline void mask_keys(const bool* valid, int64_t n, int64_t G, int64_t stride, float* scores) {
   if (!valid) return;
   for (int64_t j = 0; j < n; ++j)
     if (!valid[j])
-      for (int64_t g = 0; g < G; ++g) scores[g * S + j] = std::numeric_limits<float>::lowest();
+      for (int64_t g = 0; g < G; ++g) scores[g * stride + j] = std::numeric_limits<float>::lowest();
 }
 
 // q [B, H, D]; k, v [B, Hkv, >=S, D] (last dim contiguous); mask_add [B, >=S] float additive or nullptr;
@@ -258,67 +263,70 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * Dp), scores(G * S), acc(G * D), block(kBlock * D);
+    // scores: one block of keys for the G heads ([G, kBlock]); m, l: running max and sum per head
+    std::vector<float> qf(G * Dp), scores(G * kBlock), acc(G * D), block(kBlock * D), m(G), l(G);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / Hkv, h = unit % Hkv;
       std::fill(qf.begin(), qf.end(), 0.f);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * Dp + d] = static_cast<float>(qp[b * qsb + (h * G + g) * qsh + d]);
-      // scores[g, j] = q_g . k_j * scale + mask, V keys at a time
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
       const T* kb = kp + b * ksb + h * ksh;
+      const T* vb = vp + b * vsb + h * vsh;
+      // one pass over the keys: each block's K rows and then its V rows are read once, side by side
       for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
         const int64_t n = std::min(kBlock, S - j0);
         const float* mask = mask_add ? mask_add + b * mask_stride + j0 : nullptr;
+        // scores[g, j] = q_g . k_j * scale + mask
+        bool done = false;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (D == 4 * V || D == 8 * V) {
             for (int64_t g = 0; g < G; ++g) {
               const T* qg = qp + b * qsb + (h * G + g) * qsh;
-              float* sg = scores.data() + g * S + j0;
               if (D == 4 * V) {
-                scores_block_bf16<4>(qg, kb + j0 * kss, kss, n, scale, mask, sg);
+                scores_block_bf16<4>(qg, kb + j0 * kss, kss, n, scale, mask, scores.data() + g * kBlock);
               } else {
-                scores_block_bf16<8>(qg, kb + j0 * kss, kss, n, scale, mask, sg);
+                scores_block_bf16<8>(qg, kb + j0 * kss, kss, n, scale, mask, scores.data() + g * kBlock);
               }
             }
-            mask_keys(key_valid ? key_valid + b * valid_stride + j0 : nullptr, n, G, S, scores.data() + j0);
-            continue;
+            done = true;
           }
         }
 #endif
-        int64_t ks;
-        const float* kf = rows_as_float(kb + j0 * kss, kss, n, D, block.data(), ks);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * Dp;
-          float* sg = scores.data() + g * S + j0;
-          if (D == 4 * V) {
-            scores_block<4>(qg, kf, ks, n, D, scale, mask, sg);
-          } else if (D == 8 * V) {
-            scores_block<8>(qg, kf, ks, n, D, scale, mask, sg);
-          } else {
-            scores_block<0>(qg, kf, ks, n, D, scale, mask, sg);
+        if (!done) {
+          int64_t ks;
+          const float* kf = rows_as_float(kb + j0 * kss, kss, n, D, block.data(), ks);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * Dp;
+            float* sg = scores.data() + g * kBlock;
+            if (D == 4 * V) {
+              scores_block<4>(qg, kf, ks, n, D, scale, mask, sg);
+            } else if (D == 8 * V) {
+              scores_block<8>(qg, kf, ks, n, D, scale, mask, sg);
+            } else {
+              scores_block<0>(qg, kf, ks, n, D, scale, mask, sg);
+            }
           }
         }
-        mask_keys(key_valid ? key_valid + b * valid_stride + j0 : nullptr, n, G, S, scores.data() + j0);
-      }
-      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * S, S);
-      // out_g = sum_j p[g, j] v_j
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const T* vb = vp + b * vsb + h * vsh;
-      if (G % 4 == 0 && D % (4 * V) == 0) {
-        for (int64_t g = 0; g < G; g += 4)
-          weighted_sum_4heads(scores.data() + g * S, S, vb, vss, S, D, acc.data() + g * D);
-      } else {
-        for (int64_t j0 = 0; j0 < S; j0 += kBlock) {
-          const int64_t n = std::min(kBlock, S - j0);
+        mask_keys(key_valid ? key_valid + b * valid_stride + j0 : nullptr, n, G, kBlock, scores.data());
+        for (int64_t g = 0; g < G; ++g)
+          online_softmax_block(scores.data() + g * kBlock, n, m[g], l[g], acc.data() + g * D, D);
+        // acc_g += sum_j p[g, j] v_j
+        if (G % 4 == 0 && D % (4 * V) == 0) {
+          for (int64_t g = 0; g < G; g += 4)
+            weighted_sum_4heads(scores.data() + g * kBlock, kBlock, vb + j0 * vss, vss, n, D, acc.data() + g * D);
+        } else {
           int64_t vs;
           const float* vf = rows_as_float(vb + j0 * vss, vss, n, D, block.data(), vs);
-          for (int64_t g = 0; g < G; ++g)
-            weighted_sum(scores.data() + g * S + j0, vf, vs, n, D, acc.data() + g * D);
+          for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * kBlock, vf, vs, n, D, acc.data() + g * D);
         }
       }
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d]);
+        for (int64_t d = 0; d < D; ++d)
+          op[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d] / l[g]);
     }
   });
 }
