@@ -1,9 +1,11 @@
 // Single-query attention kernels for the decode step (CPU):
 //   decode_attention: one new query per row against the self-attention KV cache, grouped KV heads.
 //   cross_attention:  one query per row against the image K/V computed once per request.
-// Both follow the reference's arithmetic: scores = q.k * D^-1/2 (+ additive mask), softmax in float32,
-// out = sum_j p_j v_j. A key masked out gets the lowest float (as transformers' finfo.min mask does), so a row
-// whose keys are all masked attends uniformly, exactly like the reference.
+// Both compute the reference's formula: scores = q.k * D^-1/2 (+ additive mask), softmax in float32,
+// out = sum_j p_j v_j, in one pass over the keys (online softmax: a running maximum and sum, the partial output
+// rescaled when the maximum grows).
+// A key masked out gets the lowest float (as transformers' finfo.min mask does), so a row whose keys are all masked
+// attends uniformly, exactly like the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
