@@ -173,6 +173,23 @@ def test_cross_attention(dtype, tol, B, H, Hkv, tile, D):
     assert (no_mask.double() - attention_ref(q, k, v, torch.zeros(B, S))).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("D", [64, 40])
+def test_all_masked_row_attends_uniformly(D):
+    """A row whose keys are all masked (finfo.min, as transformers masks) averages the values, like the reference."""
+    g = torch.Generator().manual_seed(D)
+    q = torch.randn(2, 8, D, generator=g)
+    k, v = torch.randn(2, 2, 200, D, generator=g), torch.randn(2, 2, 200, D, generator=g)
+    mask = torch.zeros(2, 200)
+    mask[1] = torch.finfo(torch.float32).min
+    out = torch.ops.llama_mm.cross_attention(q, k, v, mask)
+    torch.testing.assert_close(out[1], v[1].mean(1).repeat_interleave(4, 0), rtol=1e-5, atol=1e-5)
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    valid[1] = False
+    out = torch.ops.llama_mm.decode_attention(q, k, v, valid, torch.tensor([200]))
+    torch.testing.assert_close(out[1], v[1].mean(1).repeat_interleave(4, 0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], attention_ref(q, k, v, torch.zeros(2, 200))[0].float(), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_ops_opcheck():
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     torch.library.opcheck(torch.ops.llama_mm.decode_attention.default,
