@@ -6,7 +6,6 @@ checked against Llama 3's known special-token layout and against transformers' l
 """
 
 import dataclasses
-import importlib.util
 import json
 import random
 import re
@@ -330,10 +329,8 @@ def test_processor_tiles_a_drawn_image(tok):
 
 
 def test_builtin_files_come_from_the_script(tmp_path):
-    path = ROOT / "tools" / "make_builtin_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("make_builtin_tokenizer", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    import make_builtin_tokenizer as script  # tools/, on the path through conftest.py
+
     script.write_files(tmp_path)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == sorted(p.name for p in BUILTIN.iterdir() if p.name in written)

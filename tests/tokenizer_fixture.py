@@ -18,32 +18,14 @@ Llama-3.2-11B-Vision-Instruct carries besides its weights and config.json:
 import functools
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-# Llama 3's special tokens in id order (128000, 128001, ...); real checkpoints continue with
-# <|reserved_special_token_3|> .. <|reserved_special_token_247|> up to 128255.
-LLAMA3_SPECIAL_TOKENS = (
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-)
-IMAGE_TOKEN = "<|image|>"
-
-# Llama 3's pre-tokenizer split pattern (tokenizer.json of every Llama 3.x checkpoint).
-LLAMA3_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from llama3_tokens import IMAGE_TOKEN, SPECIAL_TOKENS as LLAMA3_SPECIAL_TOKENS, SPLIT_REGEX as LLAMA3_SPLIT_REGEX  # noqa: E402
 
 # Llama-3.2-11B-Vision-Instruct's chat template (chat_template.json / tokenizer_config.json of the Hub checkpoint).
 LLAMA32_VISION_CHAT_TEMPLATE = """{{- bos_token }}

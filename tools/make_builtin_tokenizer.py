@@ -22,30 +22,13 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llama_mm import demo
+from llama3_tokens import IMAGE_TOKEN, SPECIAL_TOKENS, SPLIT_REGEX
 
 TEXT_VOCAB = 512
-SPECIAL_TOKENS = (  # in Llama 3's id order, from 128000
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-)
-IMAGE_TOKEN = "<|image|>"
 BPE_TOKENS = TEXT_VOCAB - len(SPECIAL_TOKENS)
 BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
 STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")  # Instruct checkpoints stop on any of these
 MAX_NEW_TOKENS = 32  # the longest caption is far shorter
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
 # Llama-3.2-11B-Vision-Instruct's template without tools, dates and the default system turn.
 CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- for message in messages %}
@@ -96,7 +79,7 @@ def build_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ]
     )
