@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUD
 
 
 def nvcc_command(src: Path, obj: Path) -> list[str]:
-    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(ROOT / "cpp")]
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
+                str(ROOT / "cpp" / "kernels"), str(ROOT / "cpp" / "engine")]
     launcher = [shutil.which("ccache")] if shutil.which("ccache") else []  # reruns on unchanged sources are instant
     cmd = [
         *launcher, NVCC, "-c", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
@@ -73,7 +74,7 @@ def test_cuda_source_compiles(compiled, name):
 
 def test_engine_cuda_graph_path_compiles(tmp_path):
     """The engine's CUDA-graph decode path (built only with CUDA) compiles against torch's CUDA headers."""
-    *flags, out_flag, obj, src = nvcc_command(ROOT / "cpp" / "engine.cpp", tmp_path / "engine.o")
+    *flags, out_flag, obj, src = nvcc_command(ROOT / "cpp" / "engine" / "engine.cpp", tmp_path / "engine.o")
     cmd = [*flags, "-DLLAMA_MM_WITH_CUDA", "-x", "c++", out_flag, obj, src]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"engine.cpp with LLAMA_MM_WITH_CUDA:\n{result.stdout}\n{result.stderr}"

@@ -10,11 +10,10 @@
 
 #include <functional>
 #include <optional>
-#include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "sampling.h"
+#include "text_weights.h"
 
 #ifdef LLAMA_MM_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -25,14 +24,6 @@
 
 namespace llama_mm {
 
-struct EngineConfig {
-  int64_t hidden_size = 0, num_layers = 0, num_heads = 0, num_kv_heads = 0, vocab_size = 0;
-  double rms_norm_eps = 1e-5;
-  int64_t max_positions = 0;
-  std::vector<int64_t> cross_attention_layers;
-  int64_t head_dim() const { return hidden_size / num_heads; }
-};
-
 // Receives the tokens just chosen [B] (int64, CPU); returns true to stop the request.
 using StepCallback = std::function<bool(const at::Tensor&)>;
 
@@ -41,7 +32,10 @@ class Engine {
   // weights: canonical checkpoint names (`language_model.model.layers.N...`, `language_model.lm_head.weight`); an
   // unmerged LoRA adapter adds `<module>.lora_A.weight` and `<module>.lora_B.weight` (B scaled) for its modules;
   // inv_freq [head_dim / 2] float32 (rope frequencies, llama3-scaled as the config says).
-  Engine(const std::unordered_map<std::string, at::Tensor>& weights, EngineConfig cfg, at::Tensor inv_freq);
+  Engine(const WeightMap& weights, EngineConfig cfg, at::Tensor inv_freq);
+  // An engine over weights another engine or the scheduler already holds.
+  explicit Engine(std::shared_ptr<const TextWeights> weights);
+  const std::shared_ptr<const TextWeights>& weights() const { return w_; }
 
   // A whole request. input_ids / attention_mask [B, T] (left padding); vision_states [B, S, C] projected image
   // features (none: text only, cross layers skipped); cross_mask [B, 1, T, S] additive and row_mask [B, T, 1] as
@@ -62,26 +56,11 @@ class Engine {
 
 
  private:
-  // A linear layer's weight [out, in], and optionally an unmerged LoRA adapter: y = x W^T + (x A^T) B^T with
-  // A [r, in] and B [out, r] already multiplied by the adapter's scaling (float32).
-  struct Linear {
-    at::Tensor w, lora_a, lora_b;
-  };
-  struct Layer {
-    bool cross = false;
-    at::Tensor input_norm, post_norm;
-    Linear wq, wk, wv, wo, w_gate, w_up, w_down;
-    at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
-  };
-  static Linear linear(const std::unordered_map<std::string, at::Tensor>& w, const std::string& module);
-  static at::Tensor project(const at::Tensor& x, const Linear& l);
-  at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
   at::Tensor prefill(const at::Tensor& x, const at::Tensor& positions);
   void decode_body();
 
-  EngineConfig cfg_;
-  std::vector<Layer> layers_;
-  at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  std::shared_ptr<const TextWeights> w_;
+  const EngineConfig& cfg_;
 
   // Request state.
   std::vector<at::Tensor> k_cache_, v_cache_;      // per layer (undefined for cross layers)

@@ -1,0 +1,60 @@
+// The llama_mm ops as the engine calls them: through the dispatcher, so the CPU or the CUDA kernels run by the
+// tensors' device. Shared by the single-request engine and the batching scheduler.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <limits>
+#include <optional>
+
+#include "gemv.h"
+
+namespace llama_mm::dispatch {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("llama_mm::rms_norm");
+  return h.call(x, w, eps);
+}
+inline at::Tensor rope(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& inv_freq) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("llama_mm::rope");
+  return h.call(x, pos, inv_freq);
+}
+inline at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("llama_mm::silu_mul");
+  return h.call(g, u);
+}
+inline at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& valid, const at::Tensor& length) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&)>("llama_mm::decode_attention");
+  return h.call(q, k, v, valid, length);
+}
+inline at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& mask) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&)>("llama_mm::cross_attention");
+  return h.call(q, k, v, mask);
+}
+
+// The most negative finite value of a dtype: transformers' finfo(dtype).min mask value.
+inline at::Scalar lowest(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::lowest());
+    default: return static_cast<double>(std::numeric_limits<float>::lowest());
+  }
+}
+
+// Matrix product with a dense weight [N, K]: the streaming matrix-vector kernel for the decode step's few rows on
+// the CPU, else at::linear.
+inline at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w) {
+  return cpu::gemv_applies(x, w) ? cpu::gemv(x, w) : at::linear(x, w);
+}
+
+}  // namespace llama_mm::dispatch

@@ -1,0 +1,71 @@
+#include "text_weights.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+
+#include "ops_dispatch.h"
+
+namespace llama_mm {
+
+TextWeights::TextWeights(const WeightMap& w, EngineConfig config, at::Tensor inv_freq_in)
+    : cfg(std::move(config)), inv_freq(std::move(inv_freq_in)) {
+  TORCH_CHECK_VALUE(cfg.num_heads > 0 && cfg.num_kv_heads > 0 && cfg.num_heads % cfg.num_kv_heads == 0 &&
+                        cfg.hidden_size % cfg.num_heads == 0,
+                    "Engine: inconsistent head counts");
+  const std::string p = "language_model.model.";
+  embed = get_weight(w, p + "embed_tokens.weight");
+  final_norm = get_weight(w, p + "norm.weight");
+  lm_head = get_weight(w, "language_model.lm_head.weight");
+  TORCH_CHECK_VALUE(embed.dim() == 2 && embed.size(1) == cfg.hidden_size && lm_head.size(0) == cfg.vocab_size,
+                    "Engine: embedding ", embed.sizes(), " or lm_head ", lm_head.sizes(), " disagree with the config");
+  TORCH_CHECK_VALUE(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == cfg.head_dim() / 2,
+                    "Engine: inv_freq must be float32 [head_dim / 2]");
+  inv_freq = inv_freq.to(embed.device());
+  for (int64_t i = 0; i < cfg.num_layers; ++i) {
+    const std::string l = p + "layers." + std::to_string(i) + ".";
+    Layer layer;
+    layer.cross = std::find(cfg.cross_attention_layers.begin(), cfg.cross_attention_layers.end(), i) !=
+                  cfg.cross_attention_layers.end();
+    const std::string a = layer.cross ? l + "cross_attn." : l + "self_attn.";
+    layer.input_norm = get_weight(w, l + "input_layernorm.weight");
+    layer.post_norm = get_weight(w, l + "post_attention_layernorm.weight");
+    layer.wq = Linear::load(w, a + "q_proj");
+    layer.wk = Linear::load(w, a + "k_proj");
+    layer.wv = Linear::load(w, a + "v_proj");
+    layer.wo = Linear::load(w, a + "o_proj");
+    layer.w_gate = Linear::load(w, l + "mlp.gate_proj");
+    layer.w_up = Linear::load(w, l + "mlp.up_proj");
+    layer.w_down = Linear::load(w, l + "mlp.down_proj");
+    for (const auto* t : {&layer.input_norm, &layer.post_norm})
+      TORCH_CHECK_VALUE(t->device() == embed.device() && t->scalar_type() == embed.scalar_type(),
+                        "Engine: layer ", i, " norms must share the embedding's device and dtype");
+    for (const auto* lin : {&layer.wq, &layer.wk, &layer.wv, &layer.wo, &layer.w_gate, &layer.w_up, &layer.w_down})
+      lin->check(embed.device(), embed.scalar_type(), "layer " + std::to_string(i));
+    if (layer.cross) {
+      layer.q_norm = get_weight(w, a + "q_norm.weight");
+      layer.k_norm = get_weight(w, a + "k_norm.weight");
+      layer.attn_gate = get_weight(w, l + "cross_attn_attn_gate").tanh();
+      layer.mlp_gate = get_weight(w, l + "cross_attn_mlp_gate").tanh();
+    }
+    layers.push_back(std::move(layer));
+  }
+}
+
+at::Tensor TextWeights::mlp(const Layer& l, const at::Tensor& x) const {
+  return l.w_down(dispatch::silu_mul(l.w_gate(x), l.w_up(x)));
+}
+
+std::pair<at::Tensor, at::Tensor> TextWeights::cross_kv(const Layer& l, const at::Tensor& vs) const {
+  const int64_t B = vs.size(0), S = vs.size(1), Hkv = cfg.num_kv_heads, D = cfg.head_dim();
+  auto k = dispatch::rms_norm(l.wk(vs).view({B, S, Hkv, D}), l.k_norm, cfg.rms_norm_eps);
+  auto v = l.wv(vs).view({B, S, Hkv, D});
+  return {k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()};  // (B, Hkv, S, D)
+}
+
+at::Tensor TextWeights::logits(const at::Tensor& x) const {
+  return dispatch::matmul_t(dispatch::rms_norm(x, final_norm, cfg.rms_norm_eps), lm_head);
+}
+
+}  // namespace llama_mm

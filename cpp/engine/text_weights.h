@@ -1,0 +1,52 @@
+// The text stack's weights as the engine and the scheduler read them: the config numbers, and per decoder layer its
+// norms, projections (linear.h) and, for cross-attention layers, q/k norms and tanh gates. Built once from the
+// tensors the Python model owns (canonical checkpoint names, no copy) and shared read-only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "linear.h"
+
+namespace llama_mm {
+
+struct EngineConfig {
+  int64_t hidden_size = 0, num_layers = 0, num_heads = 0, num_kv_heads = 0, vocab_size = 0;
+  double rms_norm_eps = 1e-5;
+  int64_t max_positions = 0;
+  std::vector<int64_t> cross_attention_layers;
+  int64_t head_dim() const { return hidden_size / num_heads; }
+};
+
+struct Layer {
+  bool cross = false;
+  at::Tensor input_norm, post_norm;
+  Linear wq, wk, wv, wo, w_gate, w_up, w_down;
+  at::Tensor q_norm, k_norm, attn_gate, mlp_gate;  // cross layers only (gates hold tanh(gate))
+};
+
+struct TextWeights {
+  // weights: `language_model.model.layers.N...`, `language_model.model.embed_tokens.weight`,
+  // `language_model.model.norm.weight`, `language_model.lm_head.weight` (+ LoRA tensors, see linear.h);
+  // inv_freq [head_dim / 2] float32 (rope frequencies, llama3-scaled as the config says).
+  TextWeights(const WeightMap& weights, EngineConfig cfg, at::Tensor inv_freq);
+
+  EngineConfig cfg;
+  std::vector<Layer> layers;
+  at::Tensor embed, final_norm, lm_head, inv_freq;
+
+  c10::Device device() const { return embed.device(); }
+  at::ScalarType dtype() const { return embed.scalar_type(); }
+  at::TensorOptions options() const { return embed.options(); }
+
+  // SwiGLU MLP of a layer: x [..., C] -> [..., C].
+  at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
+  // Image K/V of cross layer l: vision_states [B, S, C] (model dtype, weights' device) -> k, v [B, Hkv, S, D]
+  // contiguous (k RMS-normalised per head). Computed once per request.
+  std::pair<at::Tensor, at::Tensor> cross_kv(const Layer& l, const at::Tensor& vision_states) const;
+  // Final norm and lm_head: x [B, C] -> logits [B, V].
+  at::Tensor logits(const at::Tensor& x) const;
+};
+
+}  // namespace llama_mm
