@@ -141,7 +141,9 @@ def measure(generate, inputs: dict, n: int, repeats: int, step_bytes: int | None
 def engine_step_ms(engine, inputs: dict, n: int) -> float:
     """llama_mm's bare decode step: the mean time of n graph replays after the warm-up and capture steps."""
     native = engine.native
-    logits = native.start(*engine.request_args(inputs), n + 4)
+    from llama_mm.engine import request_tensors
+
+    logits = native.start(*request_tensors(engine.model, inputs), n + 4)
     token = logits.argmax(-1)
     for _ in range(3):  # eager warm-up (first use), capture, first replay
         native.step(token)

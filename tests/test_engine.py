@@ -7,7 +7,7 @@ import torch
 
 import llama_mm
 from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
-from llama_mm.engine import Engine
+from llama_mm.engine import Engine, request_tensors
 from checkpoints import build_reference, random_inputs, write_checkpoint
 from references import attention_ref
 
@@ -65,7 +65,7 @@ def teacher_forced(engine, inputs, steps, reference):
     """Prefill, then steps - 1 decode steps, each fed the reference's greedy token. Yields, per step, the engine's
     logits, the whole sequence so far as model inputs, and reference(those inputs) at the last position."""
     ids = inputs["input_ids"]
-    logits = engine.native.start(*engine.request_args(inputs), steps)
+    logits = engine.native.start(*request_tensors(engine.model, inputs), steps)
     for step in range(steps):
         full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
                     cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
@@ -108,7 +108,7 @@ def test_bf16_engine_as_accurate_as_transformers_bf16(setup, tmp_path):
 def test_bad_input_then_still_works(setup):
     ref, model, engine = setup
     inputs = random_inputs(ref, seq=8, with_image=False)
-    args = engine.request_args(inputs)
+    args = request_tensors(engine.model, inputs)
     native = engine.native
     with pytest.raises(ValueError, match="exceeds the model context of 512"):
         native.generate(*args, 600, _C.SamplingParams(), [], 0, None)

@@ -29,31 +29,33 @@ class Engine:
                                 t.num_key_value_heads, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings,
                                 list(t.cross_attention_layers), model.language_model.model.inv_freq)
 
-    def request_args(self, inputs: dict) -> tuple:
-        """The processor's dict -> (input_ids, attention_mask, vision_states, cross_mask, row_mask) for the engine."""
-        m = self.model
-        ids = inputs["input_ids"].long()
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.long()
-        vision = cross = rows = None
-        if inputs.get("pixel_values") is not None:
-            xmask = inputs.get("cross_attention_mask")
-            if xmask is None or inputs.get("aspect_ratio_ids") is None or inputs.get("aspect_ratio_mask") is None:
-                raise ValueError("inputs with pixel_values need aspect_ratio_ids, aspect_ratio_mask and "
-                                 "cross_attention_mask")
-            with torch.inference_mode():
-                vision = m.vision_states(inputs["pixel_values"].to(m.device), inputs["aspect_ratio_ids"].to(m.device),
-                                         inputs["aspect_ratio_mask"].to(m.device))
-                cross, rows = cross_attention_masks(xmask.to(m.device), m.cfg.vision.num_patches, m.dtype)
-        return ids, mask, vision, cross, rows
-
     def run(self, inputs: dict, max_new_tokens: int, params: SamplingParams | None = None,
             stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None) -> torch.Tensor:
         """New ids [B, N]; rows that stopped are padded with pad_id. on_tokens(ids [B]) -> True stops."""
         params = (params or SamplingParams()).validate()
         with torch.inference_mode():
-            return self.native.generate(*self.request_args(inputs), max_new_tokens, to_native(params),
+            return self.native.generate(*request_tensors(self.model, inputs), max_new_tokens, to_native(params),
                                         list(stop_ids), pad_id, on_tokens)
+
+
+def request_tensors(model: MllamaModel, inputs: dict) -> tuple:
+    """The processor's dict -> (input_ids, attention_mask, vision_states, cross_mask, row_mask) for the native
+    engine and the scheduler: runs the vision tower and projector when the inputs have images."""
+    ids = inputs["input_ids"].long()
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.long()
+    vision = cross = rows = None
+    if inputs.get("pixel_values") is not None:
+        xmask = inputs.get("cross_attention_mask")
+        if xmask is None or inputs.get("aspect_ratio_ids") is None or inputs.get("aspect_ratio_mask") is None:
+            raise ValueError("inputs with pixel_values need aspect_ratio_ids, aspect_ratio_mask and "
+                             "cross_attention_mask")
+        dev = model.device
+        with torch.inference_mode():
+            vision = model.vision_states(inputs["pixel_values"].to(dev), inputs["aspect_ratio_ids"].to(dev),
+                                         inputs["aspect_ratio_mask"].to(dev))
+            cross, rows = cross_attention_masks(xmask.to(dev), model.cfg.vision.num_patches, model.dtype)
+    return ids, mask, vision, cross, rows
 
 
 def engine_weights(model: MllamaModel) -> dict[str, torch.Tensor]:
