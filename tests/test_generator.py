@@ -1,6 +1,7 @@
 """Generator and CLI end to end on a tiny random checkpoint with a Llama-3.2-Vision-style tokenizer: the same
 directory through transformers' processor + generate is the oracle."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def hf_generate(ckpt, text, images, n, chat=False):
     proc = AutoProcessor.from_pretrained(d)
     if chat:
         text = [proc.apply_chat_template(t, add_generation_prompt=True) for t in text]
-    inputs = proc(images=images, text=text, padding=True, return_tensors="pt")
+    inputs = proc(images=images, text=text, padding=True, padding_side="left", return_tensors="pt")
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
     new = out[:, inputs["input_ids"].shape[1]:]
@@ -68,9 +69,9 @@ def hf_generate(ckpt, text, images, n, chat=False):
 
 def test_generate_matches_transformers(ckpt, gen, images):
     texts, ids = hf_generate(ckpt, ["<|image|>A picture of"], [[images[0]]], 24)
-    ours = gen.generate(images[0], "A picture of", max_new_tokens=24, temperature=0)
+    ours = gen.generate(images[0], "A picture of", max_new_tokens=24, temperature=0, chat=False)
     assert ours == texts[0]
-    inputs = gen.request_inputs("A picture of", [images[0]])
+    inputs = gen.request_inputs("A picture of", [images[0]], chat=False)
     got = gen.generate_ids(inputs, 24, temperature=0)
     assert torch.equal(got[:, :ids.shape[1]], ids)
 
@@ -85,12 +86,53 @@ def test_chat_matches_transformers(ckpt, gen, images):
 def test_batch_of_prompts_matches_transformers(ckpt, gen, images):
     prompts = ["<|image|>The first", "<|image|>A much longer second prompt about"]
     texts, _ = hf_generate(ckpt, prompts, [[images[1]], [images[2]]], 16)
-    assert gen.generate(prompt=prompts, images=[[images[1]], [images[2]]], max_new_tokens=16, temperature=0) == texts
+    assert gen.generate(prompt=prompts, images=[[images[1]], [images[2]]], max_new_tokens=16, temperature=0,
+                        chat=False) == texts
 
 
 def test_text_only(ckpt, gen):
     texts, _ = hf_generate(ckpt, ["Once upon a time"], None, 16)
-    assert gen.generate(prompt="Once upon a time", max_new_tokens=16, temperature=0) == texts[0]
+    assert gen.generate(prompt="Once upon a time", max_new_tokens=16, temperature=0, chat=False) == texts[0]
+
+
+def user_turn(prompt, n_images):
+    return [{"role": "user", "content": [*[{"type": "image"}] * n_images, {"type": "text", "text": prompt}]}]
+
+
+def test_chat_checkpoint_gets_its_template_by_default(ckpt, gen, images):
+    """The fixture is an Instruct-style checkpoint (it stops on <|eot_id|>, which ends its template's turns): plain
+    prompts go through the chat template unless chat=False, for one prompt, a batch and a stream."""
+    assert gen.chat_by_default
+    texts, _ = hf_generate(ckpt, [user_turn("A picture of", 1)], [[images[0]]], 16, chat=True)
+    assert gen.generate(images[0], "A picture of", max_new_tokens=16, temperature=0) == texts[0]
+    assert gen.generate(images[0], "A picture of", max_new_tokens=16, temperature=0, chat=True) == texts[0]
+    assert "".join(gen.stream(images[0], "A picture of", max_new_tokens=16, temperature=0)) == texts[0]
+    batch, _ = hf_generate(ckpt, [user_turn("The first", 1), user_turn("A longer second one", 1)],
+                           [[images[1]], [images[2]]], 12, chat=True)
+    assert gen.generate(prompt=["The first", "A longer second one"], images=[[images[1]], [images[2]]],
+                        max_new_tokens=12, temperature=0) == batch
+    raw, _ = hf_generate(ckpt, ["<|image|>A picture of"], [[images[0]]], 16)
+    assert gen.generate(images[0], "A picture of", max_new_tokens=16, temperature=0, chat=False) == raw[0]
+
+
+def test_base_checkpoint_gets_raw_prompts_by_default(ckpt, images, tmp_path):
+    """A base checkpoint (stops only on <|end_of_text|>, though its tokenizer ships a chat template, like
+    Llama-3.2-11B-Vision) gets the raw prompt."""
+    d = tmp_path / "base"
+    shutil.copytree(ckpt[0], d)
+    end_of_text = special_ids(d)["<|end_of_text|>"]
+    for name in ("generation_config.json", "config.json"):
+        cfg = json.loads((d / name).read_text())
+        (cfg.get("text_config") or cfg)["eos_token_id"] = end_of_text
+        (d / name).write_text(json.dumps(cfg))
+    base = llama_mm.Generator(d)
+    assert base.processor.chat_template is not None and not base.chat_by_default
+    from transformers import AutoProcessor
+
+    theirs = AutoProcessor.from_pretrained(d)(images=[[images[0]]], text=["<|image|>A picture of"], return_tensors="pt")
+    assert torch.equal(base.request_inputs("A picture of", [images[0]])["input_ids"], theirs["input_ids"])
+    assert base.generate(images[0], "A picture of", max_new_tokens=8, temperature=0) == \
+        base.generate(images[0], "A picture of", max_new_tokens=8, temperature=0, chat=False)
 
 
 def test_stream_concatenates_to_generate(gen, images):
@@ -192,7 +234,7 @@ def test_generator_with_adapter_matches_peft(ckpt, adapter_dir, images, merge):
 
     d, ref = ckpt
     gen = llama_mm.Generator(d, adapter=adapter_dir, merge_adapter=merge)
-    inputs = gen.request_inputs("A picture of", [images[0]])
+    inputs = gen.request_inputs("A picture of", [images[0]], chat=False)
     ours = gen.generate_ids(inputs, 24, temperature=0)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(ref), adapter_dir).eval()
     proc = AutoProcessor.from_pretrained(d)

@@ -240,11 +240,29 @@ def test_several_images_per_prompt_and_padded_batch(ours, hf):
     for side in ("left", "right"):
         got = ours(images=images, text=texts, padding_side=side)
         assert_matches(got, hf_call(hf, images, texts, padding_side=side), f"batch padded {side}")
-    default = ours(images=images, text=texts)
-    assert torch.equal(default["input_ids"], hf_call(hf, images, texts, "left")["input_ids"])  # default: left
+    default = ours(images=images, text=texts)  # no side given: the checkpoint's, as transformers does
+    assert_matches(default, hf(images=images, text=texts, padding=True, return_tensors="pt"), "default side")
+    assert default["attention_mask"][:, 0].all() and not default["attention_mask"][:, -1].all()  # right: absent
     flat = ours(images=[a, b, c], text=texts)  # all images in prompt order
     for key in default:
         assert torch.equal(flat[key], default[key]), key
+
+
+def test_padding_side_follows_tokenizer_config(tmp_path):
+    write_tokenizer_files(tmp_path, vocab_size=VOCAB)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    texts = ["<|image|>A short one.", "<|image|>A much longer prompt than the first one."]
+    images = [[_noise(300, 500, 7)], [_noise(500, 300, 8)]]
+    for side in ("left", "right"):
+        config_path.write_text(json.dumps({**config, "padding_side": side}))
+        got = MllamaProcessor.from_pretrained(tmp_path)(images=images, text=texts)
+        assert_matches(got, _hf_processor(tmp_path)(images=images, text=texts, padding=True, return_tensors="pt"),
+                       f"tokenizer_config padding_side={side}")
+        assert bool(got["attention_mask"][0, 0]) == (side == "right")
+    config_path.write_text(json.dumps({**config, "padding_side": "middle"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: padding_side must be 'left' or 'right'"):
+        MllamaProcessor.from_pretrained(tmp_path)
 
 
 def test_text_only_and_images_only(ours, hf):

@@ -23,7 +23,9 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeat for several)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the checkpoint's chat template (default: yes for chat checkpoints such as "
+                        "Instruct and the built-in model, no for base checkpoints)")
 
 
 def _sampling(a) -> dict:
@@ -31,16 +33,29 @@ def _sampling(a) -> dict:
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
 
 
+def _check_images(a) -> None:
+    """Image arguments are checked before any model is loaded (an 11B load takes minutes)."""
+    for path in a.image:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--image {path}: no such file")
+
+
 def _load_generator(a):
     from .generator import Generator
 
     t = time.perf_counter()
-    gen = Generator(a.model, device=a.device, dtype=a.dtype, progress=True)
+    gen = Generator(a.model, device=a.device, dtype=a.dtype, progress=True, adapter=getattr(a, "adapter", None),
+                    merge_adapter=getattr(a, "merge_adapter", False))
     return gen, time.perf_counter() - t
 
 
 def cmd_generate(a) -> int:
+    _check_images(a)
+    if a.adapter is None and a.merge_adapter:
+        raise ValueError("--merge-adapter needs --adapter DIR")
     if a.backend == "transformers":
+        if a.adapter is not None:
+            raise ValueError("--adapter runs with the llama_mm backend only")
         print(_transformers_run(a)[0])
         return 0
     import torch
@@ -48,23 +63,19 @@ def cmd_generate(a) -> int:
     gen, load_s = _load_generator(a)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    images = a.image or None
-    start = time.perf_counter()
-    first = None
-    pieces = gen.stream(prompt=a.prompt, images=images, chat=a.chat, max_new_tokens=a.max_new_tokens,
+    pieces = gen.stream(prompt=a.prompt, images=a.image or None, chat=a.chat, max_new_tokens=a.max_new_tokens,
                         **_sampling(a))
     for piece in pieces:
-        first = first or time.perf_counter()
         print(piece, end="", flush=True)
     print()
     if a.stats:
-        end = time.perf_counter()
-        n = gen.last_token_count
-        decode = (end - first) / max(1, n - 1) if first else float("nan")
+        # timed in the engine's thread as each token is produced (the stream's consumer may lag behind it)
+        s = gen.last_stats
+        decode = s["decode_s_per_token"]
+        rate = f"{1 / decode:.1f} tokens/s ({decode * 1e3:.1f} ms/token)" if decode == decode else "n/a (1 token)"
         peak = (torch.cuda.max_memory_allocated() if a.device == "cuda" else _peak_rss()) / 2**30
-        print(f"[stats] load {load_s:.2f} s | time to first token {((first or end) - start):.3f} s | "
-              f"{n} tokens | decode {1 / decode if decode > 0 else float('inf'):.1f} tokens/s "
-              f"({decode * 1e3:.1f} ms/token) | peak memory {peak:.2f} GiB", file=sys.stderr)
+        print(f"[stats] load {load_s:.2f} s | time to first token {s['time_to_first_token_s']:.3f} s | "
+              f"{s['tokens']} tokens | decode {rate} | peak memory {peak:.2f} GiB", file=sys.stderr)
     return 0
 
 
@@ -75,7 +86,8 @@ def _peak_rss() -> int:
 
 
 def _transformers_run(a):
-    """The same request through transformers (greedy or sampled as asked): (text, last logits, inputs)."""
+    """The same request through transformers (greedy or sampled as asked): (text, last logits, inputs). The
+    inputs are prepared (images read, prompt rendered) before transformers loads the model."""
     import torch
 
     try:
@@ -85,12 +97,12 @@ def _transformers_run(a):
     from .generator import BUILTIN_DIR, Generator
 
     model_dir = a.model or BUILTIN_DIR
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(a.device).eval()
     gen = Generator.__new__(Generator)  # only its processor and defaults: no native engine
     gen.init_text_side(model_dir)
     inputs = gen.request_inputs(a.prompt, a.image or None, a.chat)
     params = gen.sampling_params(**_sampling(a))
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(a.device).eval()
     kwargs = dict(max_new_tokens=a.max_new_tokens, do_sample=params.do_sample, pad_token_id=gen.pad_id,
                   eos_token_id=gen.stop_ids)
     if params.do_sample:
@@ -106,6 +118,7 @@ def _transformers_run(a):
 def cmd_compare(a) -> int:
     import torch
 
+    _check_images(a)
     theirs, their_logits, inputs = _transformers_run(a)
     gen, _ = _load_generator(a)
     ours = gen.generate_text(a.prompt, a.image or None, a.chat, max_new_tokens=a.max_new_tokens, **_sampling(a))
@@ -121,15 +134,18 @@ def cmd_compare(a) -> int:
 
 def cmd_demo(a) -> int:
     import random
+    import tempfile
 
     from . import demo
     from .generator import Generator
 
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="llama_mm_demo_")) / "shapes.png"
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
     gen = Generator(device=a.device, progress=False)
     rng = random.Random(a.seed)
     spec = demo.random_spec(rng)
     image = demo.draw(spec)
-    out = Path(a.output)
     image.save(out)
     answer = gen.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": demo.PROMPT}]}],
                       images=[image], max_new_tokens=48, temperature=0)
@@ -150,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(g)
     g.add_argument("--stats", action="store_true", help="print time to first token, tokens/s and peak memory")
     g.add_argument("--backend", default="llama_mm", choices=["llama_mm", "transformers"])
+    g.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to run with")
+    g.add_argument("--merge-adapter", action="store_true",
+                   help="fold the adapter into the weights (faster decode; default: applied separately)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("compare", help="run llama_mm and transformers on the same request")
@@ -159,24 +178,23 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="draw a fresh image and caption it with the built-in model")
     d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--output", default="llama_mm_demo.png")
+    d.add_argument("--out", "--output", dest="out", default=None,
+                   help="where to save the drawn image (default: a new temporary folder)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL file of images and chats")
-    f.set_defaults(func=None)
+    f = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL file of images and chats",
+                       description="LoRA fine-tuning on image + chat JSONL data")
+    from .train import add_arguments, cmd_finetune
 
-    args, rest = ap.parse_known_args(argv)
-    if args.command == "finetune":
-        from .train import main_finetune
+    add_arguments(f)
+    f.set_defaults(func=cmd_finetune)
 
-        return main_finetune(rest)
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = ap.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"llama-mm: error: {e}", file=sys.stderr)
+        print(f"llama-mm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

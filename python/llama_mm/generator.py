@@ -4,17 +4,23 @@
     gen = llama_mm.Generator("path/to/Llama-3.2-11B-Vision-Instruct")
     print(gen.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
                    images=["photo.jpg"]))
-    print(gen.generate("photo.jpg", "If I had to write a haiku for this one"))   # base checkpoints
+    print(gen.generate("photo.jpg", "What is in this photo?"))
+
+Plain prompts (`generate`, `stream`) go through the checkpoint's chat template when the checkpoint is a chat model
+(Instruct checkpoints and the built-in model: see `chat_by_default`), and are sent raw to base checkpoints;
+`chat=True` / `chat=False` overrides that per call.
 """
 from __future__ import annotations
 
 import json
 import queue
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import jinja2
 import torch
 
 from .engine import Engine
@@ -49,6 +55,7 @@ class Generator:
         self.engine = Engine(self.model)
         self._lock = threading.Lock()  # one request at a time per engine (it owns the caches)
         self.last_token_count = 0
+        self.last_stats: dict[str, float] = {}
 
     def init_text_side(self, model_dir) -> None:
         """Processor, config and generation defaults: everything but the weights."""
@@ -59,6 +66,7 @@ class Generator:
         self.cfg = MllamaConfig.from_pretrained(self.model_dir)
         self.processor = MllamaProcessor.from_pretrained(self.model_dir)
         self.defaults, self.stop_ids, self.pad_id = generation_defaults(self.model_dir, self.cfg)
+        self.chat_by_default = is_chat_checkpoint(self.processor, self.stop_ids)
 
     # ---- sampling parameters -----------------------------------------------------------------------------------
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -74,10 +82,12 @@ class Generator:
         return params.validate()
 
     # ---- inputs --------------------------------------------------------------------------------------------------
-    def request_inputs(self, prompt: str | Sequence[str], images=None, chat: bool = False) -> dict:
-        """Processor tensors for one prompt (images: a list of images) or a batch (prompts, and per prompt a list).
-        Base-model prompts get one `<|image|>` per image in front when they have none; chat=True renders the
-        checkpoint's chat template with the images first."""
+    def request_inputs(self, prompt: str | Sequence[str], images=None, chat: bool | None = None) -> dict:
+        """Processor tensors (left-padded) for one prompt (images: a list of images) or a batch (prompts, and per
+        prompt a list). chat=True renders the checkpoint's chat template with the images first; chat=False sends the
+        raw prompt, with one `<|image|>` per image in front when it has none (base checkpoints); None: the
+        checkpoint's default (`chat_by_default`)."""
+        chat = self.chat_by_default if chat is None else chat
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if images is not None and not isinstance(images, (list, tuple)):
@@ -97,7 +107,7 @@ class Generator:
                                                                 add_generation_prompt=True, tokenize=False))
             else:
                 texts.append(p if IMAGE_TOKEN in p or n == 0 else IMAGE_TOKEN * n + p)
-        return self.processor(images=images, text=texts, padding=True)
+        return self.processor(images=images, text=texts, padding=True, padding_side="left")
 
     # ---- the core: processor output -> new token ids -------------------------------------------------------------
     def generate_ids(self, inputs: dict, max_new_tokens: int = 64, stop: Sequence[str] | None = None,
@@ -114,20 +124,31 @@ class Generator:
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} = {T + max_new_tokens} "
                              f"exceeds the model context of {limit} positions")
         callback = _stop_string_callback(self, B, list(stop), on_tokens) if stop else on_tokens
+        times: list[float] = []  # when each step's tokens came out of the engine (its thread, not a consumer's)
+
+        def timed(ids) -> bool:
+            times.append(time.perf_counter())
+            return bool(callback(ids)) if callback else False
+
         with self._lock:
-            out = self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, callback)
+            start = time.perf_counter()
+            out = self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, timed)
         ended = torch.isin(out[0], torch.tensor(self.stop_ids + [self.pad_id]))
         self.last_token_count = int(ended.nonzero()[0, 0]) + 1 if ended.any() else out.shape[1]
+        self.last_stats = {"time_to_first_token_s": times[0] - start, "tokens": len(times),
+                           "decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1
+                           else float("nan")}
         return out
 
     # ---- text in, text out -------------------------------------------------------------------------------------
     def generate(self, image=None, prompt: str | Sequence[str] = "", max_new_tokens: int = 64, *, images=None,
-                 stop: Sequence[str] | None = None, **sampling):
-        """Base-style prompting. One prompt -> str; a list of prompts -> list[str] (images: one list per prompt).
+                 chat: bool | None = None, stop: Sequence[str] | None = None, **sampling):
+        """One prompt -> str; a list of prompts -> list[str] (images: one list per prompt). chat: see
+        `request_inputs` (default: the chat template for chat checkpoints, the raw prompt for base ones).
         Sampling: temperature, top_p, top_k, min_p, repetition_penalty, seed (defaults: generation_config.json)."""
         if image is not None and images is not None:
             raise ValueError("pass image= or images=, not both")
-        return self.generate_text(prompt, image if images is None else images, False, max_new_tokens, stop,
+        return self.generate_text(prompt, image if images is None else images, chat, max_new_tokens, stop,
                                   **sampling)
 
     def chat(self, messages: list[dict], images=None, max_new_tokens: int = 256, stream: bool = False,
@@ -135,12 +156,12 @@ class Generator:
         """Instruct checkpoints: renders the chat template; images fill the `{"type": "image"}` slots in order."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         imgs = None if not images else [list(images) if isinstance(images, (list, tuple)) else [images]]
-        inputs = self.processor(images=imgs, text=[text], padding=True)
+        inputs = self.processor(images=imgs, text=[text], padding=True, padding_side="left")
         if stream:
             return self._stream(inputs, max_new_tokens, stop, sampling)
         return self._finish(self.generate_ids(inputs, max_new_tokens, stop=stop, **sampling)[0], stop)
 
-    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, *, images=None, chat: bool = False,
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, *, images=None, chat: bool | None = None,
                stop: Sequence[str] | None = None, **sampling) -> Iterator[str]:
         """Yields the answer's text as it is produced (one prompt)."""
         if not isinstance(prompt, str):
@@ -148,7 +169,7 @@ class Generator:
         inputs = self.request_inputs(prompt, image if images is None else images, chat)
         return self._stream(inputs, max_new_tokens, stop, sampling)
 
-    def generate_text(self, prompt, images=None, chat: bool = False, max_new_tokens: int = 64, stop=None,
+    def generate_text(self, prompt, images=None, chat: bool | None = None, max_new_tokens: int = 64, stop=None,
                       **sampling):
         out = self.generate_ids(self.request_inputs(prompt, images, chat), max_new_tokens, stop=stop, **sampling)
         texts = [self._finish(row, stop) for row in out]
@@ -216,6 +237,25 @@ def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):
         return stop_now or all(hit)
 
     return callback
+
+
+def is_chat_checkpoint(processor, stop_ids: Sequence[int]) -> bool:
+    """Whether plain prompts should go through the chat template by default: the checkpoint has a template and
+    stops on the token that ends a turn in it. Llama 3.2 Vision Instruct (and the built-in model) end turns with
+    `<|eot_id|>` and list it among their eos ids; the base checkpoints stop only on `<|end_of_text|>`, so they get
+    raw prompts even though their tokenizer ships a template."""
+    if processor.chat_template is None:
+        return False
+    marker = "llama_mm_end_of_turn_probe"
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}],
+                                             add_generation_prompt=False, tokenize=False)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError):  # no assistant turn: not applied by default
+        return False
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = processor.tokenizer.encode(after, add_special_tokens=False).ids
+    return bool(ids) and ids[0] in set(stop_ids)
 
 
 def generation_defaults(model_dir: Path, cfg) -> tuple[SamplingParams, list[int], int]:

@@ -14,7 +14,6 @@ Prompt conventions (transformers' `processing_mllama.py`):
   nothing; only the image's real tiles are set.
 """
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ class MllamaProcessor:
         image_token: str = _DEFAULT_IMAGE_TOKEN,
         chat_template: str | None = None,
         eos_token_ids: Sequence[int] = (),
-        padding_side: str = "left",
+        padding_side: str = "right",
     ):
         """`special_tokens` maps names (bos_token, eos_token, pad_token, ...) to token strings."""
         self.tokenizer = tokenizer
@@ -75,8 +74,11 @@ class MllamaProcessor:
         return token_id
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, padding_side: str = "left") -> "MllamaProcessor":
-        """Load from a checkpoint directory (the files transformers' `MllamaProcessor.from_pretrained` reads)."""
+    def from_pretrained(cls, directory: str | os.PathLike, padding_side: str | None = None) -> "MllamaProcessor":
+        """Load from a checkpoint directory (the files transformers' `MllamaProcessor.from_pretrained` reads).
+
+        padding_side: None follows the checkpoint as transformers does (tokenizer_config.json's `padding_side`,
+        "right" when absent); generation asks for "left" per call."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"checkpoint directory does not exist: {directory}")
@@ -91,6 +93,11 @@ class MllamaProcessor:
         tokenizer.no_truncation()
 
         config = chat_template.read_json(directory / "tokenizer_config.json") or {}
+        if padding_side is None:
+            padding_side = config.get("padding_side", "right")
+            if padding_side not in ("left", "right"):
+                raise ValueError(f"{directory / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', "
+                                 f"got {padding_side!r}")
         named = {key: _token_content(config.get(key)) for key in _NAMED_SPECIAL_TOKENS}
         if "added_tokens_decoder" not in config:  # legacy checkpoints keep the names in special_tokens_map.json
             for key, value in (chat_template.read_json(directory / "special_tokens_map.json") or {}).items():
@@ -179,7 +186,8 @@ class MllamaProcessor:
             order), or a list of lists (the images of each prompt). An image is a PIL.Image, a path, bytes, a
             numpy HWC uint8 array or a torch CHW uint8 tensor.
         padding: pad prompts to the longest (True / "longest"); with False all prompts must have equal length.
-        padding_side: "left" (default, what generation needs) or "right".
+        padding_side: "left" (what generation needs) or "right"; None uses the processor's own (the checkpoint's
+            tokenizer_config.json `padding_side`, else "right", as transformers does).
 
         Returns int64 input_ids / attention_mask (batch, seq); with images, float32 pixel_values
         (batch, max_images, max_tiles, 3, tile, tile), int64 aspect_ratio_ids (batch, max_images),

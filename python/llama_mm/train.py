@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,7 +549,8 @@ def finetune(model_dir: str | Path, data: str | Path, output_dir: str | Path, *,
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `llama-mm finetune` options (defaults from TrainConfig)."""
     d = TrainConfig()
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (config.json, safetensors, tokenizer; default: the built-in model)")
     parser.add_argument("--data", required=True, help="training JSONL (image paths relative to its folder)")
     parser.add_argument("--output", required=True, help="output directory for the adapter and checkpoints")
     parser.add_argument("--epochs", type=int, default=d.epochs)
@@ -581,11 +581,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> TrainResult:
+    from .generator import BUILTIN_DIR
+
     targets = args.target_modules
     if _is_name_list(targets):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     return finetune(
-        args.model, args.data, args.output, resume=args.resume, epochs=args.epochs, lr=args.lr,
+        args.model or BUILTIN_DIR, args.data, args.output, resume=args.resume, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r, alpha=args.alpha, dropout=args.dropout,
         target_modules=targets, autocast=None if args.autocast == "none" else args.autocast, dtype=args.dtype,
         device=args.device, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
@@ -599,14 +601,8 @@ def _is_name_list(s: str) -> bool:
     return s.lower() != "all-linear" and all(c.isalnum() or c in "_.," for c in s)
 
 
-def main_finetune(argv: list[str] | None = None) -> int:
-    """`llama-mm finetune ...`: parse argv, train, print where the adapter is."""
-    parser = add_arguments(argparse.ArgumentParser(prog="llama-mm finetune",
-                                                   description="LoRA fine-tuning on image + chat JSONL data"))
-    try:
-        result = run_from_args(parser.parse_args(argv))
-    except ValueError as e:  # bad data, config or checkpoint: the message says what and where
-        print(f"llama-mm finetune: error: {e}", file=sys.stderr)
-        return 2
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`llama-mm finetune ...` (options from add_arguments): train, print where the adapter is."""
+    result = run_from_args(args)
     print(f"adapter written to {result.output_dir} after {result.steps} steps")
     return 0

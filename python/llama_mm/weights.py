@@ -200,7 +200,7 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], de
         from tqdm import tqdm
 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", leave=False)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")  # stays: the final count
     for name, t in tensors.items():
         if not (t.is_floating_point()):
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected a floating-point type")
