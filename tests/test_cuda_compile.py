@@ -48,14 +48,14 @@ def nvcc_command(src: Path, obj: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
-    """Compile every .cu file, two nvcc processes at a time: (object dir, results by file name)."""
+    """Compile every .cu file, one nvcc process per core: (object dir, results by file name)."""
     out_dir = tmp_path_factory.mktemp("nvcc")
 
     def compile_one(src: Path) -> subprocess.CompletedProcess:
         cmd = nvcc_command(src, out_dir / (src.stem + ".o"))
         return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = dict(zip([f.name for f in CU_FILES], pool.map(compile_one, CU_FILES)))
     return out_dir, results
 
