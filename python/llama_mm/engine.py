@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .image_cache import ImageCache, encode_images
 from .model import MllamaModel, cross_attention_masks
 from .sampling import SamplingParams
 
@@ -30,17 +31,20 @@ class Engine:
                                 list(t.cross_attention_layers), model.language_model.model.inv_freq)
 
     def run(self, inputs: dict, max_new_tokens: int, params: SamplingParams | None = None,
-            stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None) -> torch.Tensor:
-        """New ids [B, N]; rows that stopped are padded with pad_id. on_tokens(ids [B]) -> True stops."""
+            stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None,
+            image_cache: ImageCache | None = None) -> torch.Tensor:
+        """New ids [B, N]; rows that stopped are padded with pad_id. on_tokens(ids [B]) -> True stops.
+        image_cache: reuse the vision states of images seen before (see image_cache.py)."""
         params = (params or SamplingParams()).validate()
         with torch.inference_mode():
-            return self.native.generate(*request_tensors(self.model, inputs), max_new_tokens, to_native(params),
-                                        list(stop_ids), pad_id, on_tokens)
+            return self.native.generate(*request_tensors(self.model, inputs, image_cache), max_new_tokens,
+                                        to_native(params), list(stop_ids), pad_id, on_tokens)
 
 
-def request_tensors(model: MllamaModel, inputs: dict) -> tuple:
+def request_tensors(model: MllamaModel, inputs: dict, image_cache: ImageCache | None = None) -> tuple:
     """The processor's dict -> (input_ids, attention_mask, vision_states, cross_mask, row_mask) for the native
-    engine and the scheduler: runs the vision tower and projector when the inputs have images."""
+    engine and the scheduler: runs the vision tower and projector when the inputs have images, one image at a time,
+    skipping the images `image_cache` holds (see image_cache.py)."""
     ids = inputs["input_ids"].long()
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.long()
@@ -52,8 +56,8 @@ def request_tensors(model: MllamaModel, inputs: dict) -> tuple:
                              "cross_attention_mask")
         dev = model.device
         with torch.inference_mode():
-            vision = model.vision_states(inputs["pixel_values"].to(dev), inputs["aspect_ratio_ids"].to(dev),
-                                         inputs["aspect_ratio_mask"].to(dev))
+            vision = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                   inputs["aspect_ratio_mask"], image_cache)
             cross, rows = cross_attention_masks(xmask.to(dev), model.cfg.vision.num_patches, model.dtype)
     return ids, mask, vision, cross, rows
 

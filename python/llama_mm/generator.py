@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import jinja2
 import torch
 
+from . import image_cache
 from .engine import Engine
 from .model import load_model
 from .sampling import SamplingParams
@@ -40,10 +41,14 @@ class Generator:
     progress: show a progress bar while the weights load.
     adapter: a LoRA adapter directory (PEFT format) to run with; merge_adapter=True folds it into the weights
     (fastest), False keeps it separate (the engine adds its low-rank update to each adapted projection).
+    image_cache_mb: memory budget (MiB) of the cache of encoded images (LRU; 0 disables it): a chat that resends
+    its image, or a batch that repeats one, skips the vision tower. `self.image_cache.stats()` counts hits.
     """
 
     def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False,
-                 adapter: str | Path | None = None, merge_adapter: bool = True):
+                 adapter: str | Path | None = None, merge_adapter: bool = True,
+                 image_cache_mb: float = image_cache.DEFAULT_MB):
+        self.image_cache = image_cache.ImageCache.from_mb(image_cache_mb)
         self.init_text_side(model_dir)
         self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress)
         if adapter is not None:
@@ -132,7 +137,8 @@ class Generator:
 
         with self._lock:
             start = time.perf_counter()
-            out = self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, timed)
+            out = self.engine.run(inputs, max_new_tokens, params, self.stop_ids, self.pad_id, timed,
+                                  self.image_cache)
         ended = torch.isin(out[0], torch.tensor(self.stop_ids + [self.pad_id]))
         self.last_token_count = int(ended.nonzero()[0, 0]) + 1 if ended.any() else out.shape[1]
         self.last_stats = {"time_to_first_token_s": times[0] - start, "tokens": len(times),

@@ -196,3 +196,15 @@ class VisionModel(nn.Module):
         inter = torch.stack(kept, dim=-1).reshape(B * N, T, L, -1)[:, :, :P]  # (BN, T, P, C * k)
         out = torch.cat([x, inter], dim=-1)
         return out.reshape(B, N, T, P, -1)
+
+
+def quantize_vision_int8(model: nn.Module) -> nn.Module:
+    """Opt-in APPROXIMATE path: every nn.Linear of `model.vision_model` and `model.multi_modal_projector` becomes a
+    dynamically quantized int8 linear (weights int8 with one scale per output channel, activations quantized per
+    call; fbgemm's kernels), in place. The text stack is untouched. Inference only. Its error against the exact
+    path is measured by bench/bench_vision_ttft.py --int8 (printed next to its speed)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {"vision_model": per_channel_dynamic_qconfig, "multi_modal_projector": per_channel_dynamic_qconfig}
+    return quantize_dynamic(model, spec, mapping={nn.Linear: DynamicInt8Linear}, inplace=True)
