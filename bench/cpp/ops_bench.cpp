@@ -161,7 +161,7 @@ void bench_decode_attention(const char* kind, int64_t S, at::ScalarType dtype) {
 // ---- qlinear: int4 / int8 weight-only linear against llama_mm's own gemv and against dequantize + at::linear -----
 
 // Median and fastest per-call microseconds of each function, all timed in alternating batches (same machine load).
-std::vector<std::pair<double, double>> time_each(const std::vector<std::function<void()>>& fns, int reps = 11) {
+std::vector<std::pair<double, double>> time_each(const std::vector<std::function<void()>>& fns, int reps = 7) {
   using clock = std::chrono::steady_clock;
   std::vector<int> calls(fns.size(), 1);
   for (size_t f = 0; f < fns.size(); ++f) {
