@@ -30,8 +30,7 @@ def quantized(N, K, bits, group_size, asymmetric, scale_dtype=torch.float32, see
     scale = (torch.rand(N, G, generator=g) * 0.02 + 0.001).to(scale_dtype)
     zero = torch.randint(lo, hi + 1, (N, G), generator=g, dtype=torch.int8) if asymmetric else None
     packed = packing.pack(q, bits)
-    to = (lambda t: None if t is None else t.to(device))
-    return to(packed), to(scale), to(zero), q.to(device)
+    return packed.to(device), scale.to(device), None if zero is None else zero.to(device), q.to(device)
 
 
 def assert_close(name, got, ref):
@@ -122,7 +121,7 @@ def test_qlinear_odd_shapes(native, bits, K, group_size):
     # K and groups not multiples of the SIMD width; groups of 4 / 24 take the scalar path
     packed, scale, zero, _ = quantized(13, K, bits, group_size, True, seed=K)
     for M in (1, 4, 6, 66):
-        x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(M))[:, :, :].transpose(0, 1)  # strided
+        x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(M)).transpose(0, 1)  # (M, 2, K) strided
         assert_close(f"qlinear K={K} g={group_size} M={M}", torch.ops.llama_mm.qlinear(x, packed, scale, zero, bits,
                      group_size), ops.qlinear_ref(x, packed, scale, zero, bits, group_size))
 
