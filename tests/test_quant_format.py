@@ -315,3 +315,95 @@ def test_reader_matches_transformers_dequantized(tmp_path, refs):
         for module, qw in quantized.items():
             assert torch.equal(loaded[transformers_name(module) + ".weight"], qw.dequantize(torch.float32)), module
         assert not any(k.endswith(("weight_packed", "weight_scale", "weight_shape")) for k in dense)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reader: every inconsistent tensor refused by name
+
+P = "language_model.model.layers.0.self_attn.q_proj"  # [64, 64]: int4 group 32 -> packed [64, 8], scale [64, 2]
+
+
+@pytest.fixture(scope="module")
+def ct_tensors(tmp_path_factory, refs):
+    d = tmp_path_factory.mktemp("ct")
+    out = {}
+    for symmetric in (True, False):
+        qdir = write_ct_checkpoint(refs["narrow"], d / str(symmetric), 4, 32, symmetric, dtype=torch.bfloat16)
+        out[symmetric] = (read_quantization_config(qdir), _raw_tensors(qdir))
+    return out
+
+
+def _edit(tensors: dict, **changes) -> dict:
+    """A copy of `tensors` with `P.<suffix>` replaced (a tensor) or removed (None)."""
+    out = dict(tensors)
+    for suffix, value in changes.items():
+        if value is None:
+            del out[f"{P}.{suffix}"]
+        else:
+            out[f"{P}.{suffix}"] = value
+    return out
+
+
+def _packed(tensors):
+    return tensors[f"{P}.weight_packed"]
+
+
+BAD_READS = [
+    (True, lambda t: _edit(t, weight_scale=None), "weight_scale: missing"),
+    (True, lambda t: _edit(t, weight_packed=None), "weight_packed: missing"),
+    (True, lambda t: _edit(t, weight_shape=None), "weight_shape: missing"),
+    (True, lambda t: _edit(t, weight_packed=_packed(t)[:, :-1]),
+     "weight_packed: torch.int32 [64, 7], expected torch.int32 [64, 8]"),
+    (True, lambda t: _edit(t, weight_packed=_packed(t).long()), "weight_packed: torch.int64 [64, 8], expected"),
+    (True, lambda t: _edit(t, weight_shape=torch.tensor([64, 128])),
+     "weight_packed: torch.int32 [64, 8], expected torch.int32 [64, 16]"),
+    (True, lambda t: _edit(t, weight_shape=torch.tensor([64, 48])), "weight_shape: group size 32 does not divide 48 (the input size of tensor language_model"),
+    (True, lambda t: _edit(t, weight_shape=torch.tensor([64.0, 64.0])), "weight_shape: expected 2 positive integers"),
+    (True, lambda t: _edit(t, weight_scale=t[f"{P}.weight_scale"][:, :1]),
+     "weight_scale: shape [64, 1], expected [64, 2]"),
+    (True, lambda t: _edit(t, weight_scale=torch.ones(64, 2, dtype=torch.int32)), "weight_scale: dtype torch.int32"),
+    (True, lambda t: _edit(t, weight_zero_point=torch.zeros(8, 2, dtype=torch.int32)),
+     "weight_zero_point: present, but the scheme is symmetric"),
+    (False, lambda t: _edit(t, weight_zero_point=None), "weight_zero_point: missing (the scheme is asymmetric)"),
+    (False, lambda t: _edit(t, weight_zero_point=torch.zeros(64, 2, dtype=torch.int32)),
+     "weight_zero_point: torch.int32 [64, 2], expected torch.int32 [8, 2]"),
+    (True, lambda t: _edit(t, weight_g_idx=torch.zeros(64, dtype=torch.int32)),
+     "weight_g_idx: activation ordering (a group index) is not supported"),
+    (True, lambda t: {**t, f"{P}.weight": torch.zeros(64, 64)}, "weight: a dense weight next to quantized tensors"),
+]
+
+
+@pytest.mark.parametrize("symmetric,edit,message", BAD_READS, ids=[m[:45] for _, _, m in BAD_READS])
+def test_reader_refuses_inconsistent_tensors_by_name(ct_tensors, symmetric, edit, message):
+    (scheme, ignore), tensors = ct_tensors[symmetric]
+    split_quantized(tensors, scheme, ignore, "ok")  # the unedited checkpoint reads
+    with pytest.raises(CheckpointError) as e:
+        split_quantized(edit(tensors), scheme, ignore, "ckpt")
+    assert str(e.value).startswith("ckpt: quantized tensors") and f"{P}.{message}" in str(e.value)
+
+
+def test_reader_refuses_quantized_modules_the_ignore_list_names(ct_tensors):
+    (scheme, ignore), tensors = ct_tensors[True]
+    for entry in (P, "re:.*layers\\.0\\.self_attn\\..*", transformers_name(P)):
+        with pytest.raises(CheckpointError, match=f"{P}.weight_packed: module is quantized but the ignore list"):
+            split_quantized(tensors, scheme, [*ignore, entry], "ckpt")
+
+
+def test_reader_refuses_a_scheme_that_does_not_fit(ct_tensors):
+    (_, ignore), tensors = ct_tensors[True]
+    with pytest.raises(CheckpointError, match=f"{P}.weight_scale: shape \\[64, 2\\], expected \\[64, 1\\]"):
+        split_quantized(tensors, QuantScheme(4, 64), ignore, "ckpt")
+    with pytest.raises(CheckpointError, match="group size 48 does not divide 64"):
+        split_quantized(tensors, QuantScheme(4, 48), ignore, "ckpt")
+
+
+def test_writer_refuses_before_writing(tmp_path, refs):
+    src = write_checkpoint(tmp_path / "src", refs["narrow"], dtype=torch.bfloat16)
+    with pytest.raises(CheckpointError, match="group size 48 does not divide 64 .*layers.0.*weight"):
+        write_quantized_checkpoint(src, tmp_path / "out", QuantScheme(4, 48))
+    assert not (tmp_path / "out").exists()
+    write_quantized_checkpoint(src, tmp_path / "q", QuantScheme(8, 32))
+    with pytest.raises(ConfigError, match="already has a quantization_config"):
+        write_quantized_checkpoint(tmp_path / "q", tmp_path / "qq", QuantScheme(4, 32))
+    with pytest.raises(CheckpointError, match="no text-decoder Linear weight to quantize"):
+        write_quantized_checkpoint(src, tmp_path / "none", QuantScheme(4, 32), ignore=["re:.*"])

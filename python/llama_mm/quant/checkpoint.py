@@ -103,7 +103,7 @@ def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: QuantSche
         return bad(SHAPE, f"expected 2 positive integers (out, in), got {shape.dtype} {shape.tolist()}")
     n, k = (int(v) for v in shape)
     try:
-        scheme.validate(k, f"{module}.{PACKED}")
+        scheme.validate(k, module)
     except ValueError as e:
         return bad(SHAPE, str(e))
     _expect(parts[PACKED], torch.int32, (n, k * scheme.bits // 32), f"{module}.{PACKED}",
