@@ -151,7 +151,8 @@ def cmd_quantize(a) -> int:
         a.model = BUILTIN_DIR
     if a.channel and a.group_size is not None:
         raise ValueError("--channel (one scale per output row) and --group-size exclude each other")
-    scheme = QuantScheme(a.bits, None if a.channel else (a.group_size or 128), not a.asymmetric)
+    group_size = None if a.channel else (128 if a.group_size is None else a.group_size)
+    scheme = QuantScheme(a.bits, group_size, not a.asymmetric)
     t = time.perf_counter()
     r = write_quantized_checkpoint(a.model, a.out, scheme, progress=True)
     print(f"wrote {r.out_dir} in {time.perf_counter() - t:.1f} s: {len(r.quantized)} Linear weights quantized "
