@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import compressed_tensors  # noqa: F401  (the oracle: a test dependency, never a runtime one)
 import pytest
 import torch
 
@@ -18,7 +19,6 @@ from llama_mm.quant.scheme import QuantScheme, parse_quantization_config, quanti
 from llama_mm.weights import CheckpointError, canonical_name, checkpoint_files, read_safetensors, transformers_name
 from quant_checkpoints import MLLAMA_IGNORE, ct_scheme, load_ct_reference, write_ct_checkpoint
 
-ct = pytest.importorskip("compressed_tensors")  # the oracle (a test dependency)
 
 # Text-decoder Linear modules of the tiny model: 4 layers (2 self-attention, 2 cross-attention) x (4 + 3)
 N_TEXT_LINEARS = 4 * 7
