@@ -18,6 +18,7 @@
 #include "attention.h"
 #include "gemv.h"
 #include "ops.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -157,6 +158,123 @@ void bench_decode_attention(const char* kind, int64_t S, at::ScalarType dtype) {
          });
 }
 
+// ---- qlinear: int4 / int8 weight-only linear against llama_mm's own gemv and against dequantize + at::linear -----
+
+// Median and fastest per-call microseconds of each function, all timed in alternating batches (same machine load).
+std::vector<std::pair<double, double>> time_each(const std::vector<std::function<void()>>& fns, int reps = 7) {
+  using clock = std::chrono::steady_clock;
+  std::vector<int> calls(fns.size(), 1);
+  for (size_t f = 0; f < fns.size(); ++f) {
+    fns[f]();  // warm up
+    for (;;) {
+      const auto t0 = clock::now();
+      for (int i = 0; i < calls[f]; ++i) fns[f]();
+      if (std::chrono::duration<double>(clock::now() - t0).count() >= 2e-3) break;
+      calls[f] *= 2;
+    }
+  }
+  std::vector<std::vector<double>> us(fns.size());
+  for (int r = 0; r < reps; ++r)
+    for (size_t f = 0; f < fns.size(); ++f) {
+      const auto t0 = clock::now();
+      for (int i = 0; i < calls[f]; ++i) fns[f]();
+      us[f].push_back(std::chrono::duration<double, std::micro>(clock::now() - t0).count() / calls[f]);
+    }
+  std::vector<std::pair<double, double>> out;
+  for (auto& v : us) {
+    std::sort(v.begin(), v.end());
+    out.emplace_back(v[v.size() / 2], v[0]);
+  }
+  return out;
+}
+
+// W [N, K] quantized per group of 128 (symmetric, bfloat16 scales) and packed like compressed-tensors does.
+struct QWeight {
+  at::Tensor packed, scale;
+  int64_t bits;
+};
+
+QWeight quantize_packed(const at::Tensor& w, int64_t bits, int64_t gs) {
+  const int64_t N = w.size(0), K = w.size(1), qmax = (1 << (bits - 1)) - 1;
+  std::vector<at::Tensor> packed, scales;
+  for (int64_t n0 = 0; n0 < N; n0 += 4096) {  // in slices of rows: the int64 temporaries stay small
+    const int64_t rows = std::min<int64_t>(4096, N - n0);
+    const at::Tensor wg = w.narrow(0, n0, rows).to(at::kFloat).view({rows, K / gs, gs});
+    const at::Tensor scale = (wg.abs().amax(-1) / qmax).clamp_min(1e-8);                            // [rows, G]
+    const at::Tensor u = (at::round(wg / scale.unsqueeze(-1)).clamp(-qmax - 1, qmax) + (qmax + 1))  // unsigned
+                             .to(at::kLong).view({rows, K * bits / 32, 32 / bits});
+    const at::Tensor words = u.bitwise_left_shift(at::arange(0, 32, bits, at::kLong)).sum(-1);  // an OR of fields
+    packed.push_back(at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words).to(at::kInt));
+    scales.push_back(scale.to(at::kBFloat16));
+  }
+  return {at::cat(packed), at::cat(scales), bits};
+}
+
+// The same weight dequantized with plain ATen ops, in x's dtype: (q - 0) * scale.
+at::Tensor dequantize_aten(const QWeight& q, at::ScalarType dtype) {
+  const int64_t N = q.packed.size(0), K = q.packed.size(1) * 32 / q.bits, G = q.scale.size(1);
+  const at::Tensor shifts = at::arange(0, 32, q.bits, at::kInt);
+  const at::Tensor u = q.packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and((1 << q.bits) - 1);
+  const at::Tensor qf = (u - (1 << (q.bits - 1))).to(at::kFloat).view({N, G, K / G});
+  return (qf * q.scale.to(at::kFloat).unsqueeze(-1)).view({N, K}).to(dtype);
+}
+
+// One decode-shaped product y = x W^T, x [B, K] bfloat16, W [N, K]: qlinear int4 and int8 (group 128) against
+// gemv bf16 and fp32 on the dense weight, at::linear bf16, and dequantize (ATen) + at::linear. Each variant cycles
+// through enough copies of its weights (>= 96 MiB) that every call reads them from memory, as a decode step of a
+// whole model does, not from the 32 MiB L3.
+void bench_qlinear(const char* kind, int64_t N, int64_t K, int64_t B) {
+  constexpr int64_t kGroup = 128;
+  const double q4_bytes = N * K / 2.0 + N * (K / kGroup) * 2.0, q8_bytes = N * K + N * (K / kGroup) * 2.0;
+  const auto copies_for = [](double bytes) { return std::clamp<int64_t>(int64_t((96 << 20) / bytes) + 1, 1, 1024); };
+  // no float32 copies and no ATen dequantization (int32 + float32 temporaries of W's size) for the 128256-row
+  // lm_head: they would not fit in memory comfortably
+  const bool big = N * K > (int64_t{1} << 26);
+  std::vector<at::Tensor> w16, w32;
+  std::vector<QWeight> q4, q8;
+  for (int64_t c = 0; c < copies_for(q4_bytes); ++c) {
+    const at::Tensor w = at::randn({N, K}) * 0.02;
+    q4.push_back(quantize_packed(w, 4, kGroup));
+    if (c < copies_for(q8_bytes)) q8.push_back(quantize_packed(w, 8, kGroup));
+    if (c < copies_for(N * K * 2.0)) w16.push_back(w.to(at::kBFloat16));
+    if (!big && c < copies_for(N * K * 4.0)) w32.push_back(w);
+  }
+  const at::Tensor x = at::randn({B, K}).to(at::kBFloat16), x32 = x.to(at::kFloat);
+  size_t i4 = 0, i8 = 0, ib = 0, il = 0, i32 = 0, id = 0;
+  const auto ql = [&](std::vector<QWeight>& q, size_t& i) {
+    const QWeight& w = q[i++ % q.size()];
+    return llama_mm::cpu::qlinear(x, w.packed, w.scale, std::nullopt, w.bits, kGroup);
+  };
+  std::vector<std::string> names = {"qlinear_int4", "qlinear_int8", "gemv_bf16", "linear_bf16"};
+  std::vector<double> bytes = {q4_bytes, q8_bytes, N * K * 2.0, N * K * 2.0};
+  std::vector<std::function<void()>> fns = {
+      [&] { ql(q4, i4); }, [&] { ql(q8, i8); }, [&] { llama_mm::cpu::gemv(x, w16[ib++ % w16.size()]); },
+      [&] { at::linear(x, w16[il++ % w16.size()]); }};
+  if (!big) {
+    names.insert(names.end(), {"gemv_fp32", "dequant_linear_int4"});
+    bytes.insert(bytes.end(), {N * K * 4.0, q4_bytes});
+    fns.push_back([&] { llama_mm::cpu::gemv(x32, w32[i32++ % w32.size()]); });
+    fns.push_back([&] { at::linear(x, dequantize_aten(q4[id++ % q4.size()], x.scalar_type())); });
+  }
+  // correctness of what is timed: qlinear against the dense product of its own dequantized weight
+  const int64_t n_check = std::min<int64_t>(N, 256);
+  const at::Tensor ref4 = at::linear(
+      x32, dequantize_aten(QWeight{q4[0].packed.narrow(0, 0, n_check), q4[0].scale.narrow(0, 0, n_check), 4},
+                           at::kFloat));
+  const double diff4 = (ql(q4, i4 = 0).narrow(1, 0, n_check).to(at::kFloat) - ref4).abs().max().item<double>();
+  const auto t = time_each(fns);
+  std::printf("{\"op\": \"qlinear\", \"case\": \"%s\", \"N\": %lld, \"K\": %lld, \"batch\": %lld, \"group\": %lld, "
+              "\"x_dtype\": \"BFloat16\", \"threads\": %d, \"int4_max_abs_diff_vs_dequant_linear\": %.3g, "
+              "\"variants\": {",
+              kind, (long long)N, (long long)K, (long long)B, (long long)kGroup, at::get_num_threads(), diff4);
+  for (size_t f = 0; f < fns.size(); ++f)
+    std::printf("%s\"%s\": {\"us\": %.2f, \"min_us\": %.2f, \"weight_bytes\": %.0f, \"GBps_at_min\": %.2f}",
+                f ? ", " : "", names[f].c_str(), t[f].first, t[f].second, bytes[f], bytes[f] / t[f].second / 1e3);
+  std::printf("}, \"speedup_vs_gemv_bf16\": {\"int4\": %.2f, \"int8\": %.2f}}\n", t[2].first / t[0].first,
+              t[2].first / t[1].first);
+  std::fflush(stdout);
+}
+
 // Cross-attention of one decode token over a 4-tile image (4 x 1601 vision tokens) with its additive mask.
 void bench_cross_attention(at::ScalarType dtype) {
   constexpr int64_t H = 32, KV = 8, D = 128, S = 4 * 1601;
@@ -174,11 +292,21 @@ void bench_cross_attention(at::ScalarType dtype) {
 
 }  // namespace
 
-// usage: llama_mm_bench [threads]   (default: ATen's default, one per core)
+// usage: llama_mm_bench [threads] [suite]   threads: default ATen's (one per core); suite: ops (default) or qlinear
 int main(int argc, char** argv) {
   if (argc > 1) at::set_num_threads(std::stoi(argv[1]));
+  const std::string suite = argc > 2 ? argv[2] : "ops";
   c10::InferenceMode inference;  // as the decode engine runs: no autograd bookkeeping on either side
   at::manual_seed(0);
+  if (suite == "qlinear") {
+    const struct { const char* kind; int64_t N, K; } shapes[] = {
+        {"11b_qkv_o", 4096, 4096}, {"11b_kv", 1024, 4096}, {"11b_mlp_up", 14336, 4096},
+        {"11b_mlp_down", 4096, 14336}, {"11b_lm_head", 128256, 4096}, {"450m_q_o", 1024, 1024},
+        {"450m_kv", 256, 1024}, {"450m_mlp_up", 4096, 1024}, {"450m_mlp_down", 1024, 4096}};
+    for (const auto& s : shapes)
+      for (const int64_t B : {1, 4}) bench_qlinear(s.kind, s.N, s.K, B);
+    return 0;
+  }
   for (const auto dtype : {at::kFloat, at::kBFloat16}) {
     bench_rms_norm("decode", 1, 4096, dtype);
     bench_rms_norm("prefill", 512, 4096, dtype);
