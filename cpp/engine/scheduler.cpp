@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "ops_dispatch.h"
 
@@ -135,7 +136,7 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
   ensure_blocks(s, t1);
   auto pos = at::arange(t0, t1, long_opts);                                    // (n,)
   auto table = at::tensor(std::vector<int64_t>(s.blocks.begin(), s.blocks.end()), at::kLong).to(dev);
-  auto slot_block = table.index_select(0, at::floor_divide(pos, bs));          // (n,)
+  auto slot_block = table.index_select(0, at::div(pos, bs, "floor"));          // (n,)
   auto slot_off = at::remainder(pos, bs);                                      // (n,)
   auto keys = at::arange(t1, long_opts);
   auto mask = at::zeros({1, 1, n, t1}, opts).masked_fill(
