@@ -273,8 +273,11 @@ def test_queue_full_and_close_cancels(setup):
     ref, _, model = setup
     engine = BatchEngine(model, max_batch=1, max_queue=2)
     inputs = random_inputs(ref, seq=6, with_image=False)
-    collectors = [Collector() for _ in range(3)]
-    for c in collectors:
+    running = threading.Event()
+    collectors = [Collector(on_token=lambda c: running.set())] + [Collector() for _ in range(2)]
+    engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=collectors[0])
+    assert running.wait(TIMEOUT)  # the first runs (max_batch 1): the next two wait
+    for c in collectors[1:]:
         engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=c)
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=Collector())
