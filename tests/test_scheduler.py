@@ -60,7 +60,11 @@ def submit(engine, req, collector=None):
 
 
 def serve_together(engine, reqs):
-    return [c.wait() for c in [submit(engine, r) for r in reqs]]
+    """All submitted at once; also returns the most requests seen running at one step."""
+    peak = []
+    collectors = [submit(engine, r, Collector(on_token=lambda c: peak.append(engine.stats()["running"])))
+                  for r in reqs]
+    return [c.wait() for c in collectors], max(peak)
 
 
 def serve_alone(engine, reqs):
@@ -128,7 +132,7 @@ def test_batch_invariance(setup, dtype):
     engine = BatchEngine(model, max_batch=8, prefill_chunk=4)
     try:
         alone = serve_alone(engine, reqs)
-        together = serve_together(engine, reqs)
+        together, peak = serve_together(engine, reqs)
         stats = engine.stats()
     finally:
         engine.close()
@@ -136,6 +140,7 @@ def test_batch_invariance(setup, dtype):
         assert a.finish.reason == t.finish.reason == "length"
         assert t.tokens == a.tokens, f"request {i} differs among others"
         assert len(t.tokens) == reqs[i]["n"]
+    assert peak >= 4  # several requests decoded together
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     assert stats["requests_finished"] == 24 and stats["tokens_generated"] == 2 * sum(r["n"] for r in reqs)
 
