@@ -59,11 +59,21 @@ def submit(engine, req, collector=None):
     return c
 
 
-def serve_together(engine, reqs):
-    """All submitted at once; also returns the most requests seen running at one step."""
-    peak = []
+def serve_together(engine, reqs, blocker_inputs):
+    """All submitted while the engine thread is held (inside a one-token blocker request's callback), so they join
+    at one step whatever the timing; also returns the most requests seen running at one step."""
+    held, go, peak = threading.Event(), threading.Event(), []
+
+    def hold(c):
+        held.set()
+        assert go.wait(TIMEOUT)
+
+    blocker = submit(engine, dict(inputs=blocker_inputs, n=1), Collector(on_token=hold))
+    assert held.wait(TIMEOUT)
     collectors = [submit(engine, r, Collector(on_token=lambda c: peak.append(engine.stats()["running"])))
                   for r in reqs]
+    go.set()
+    blocker.wait()
     return [c.wait() for c in collectors], max(peak)
 
 
@@ -132,7 +142,7 @@ def test_batch_invariance(setup, dtype):
     engine = BatchEngine(model, max_batch=8, prefill_chunk=4)
     try:
         alone = serve_alone(engine, reqs)
-        together, peak = serve_together(engine, reqs)
+        together, peak = serve_together(engine, reqs, random_inputs(ref, seq=3, with_image=False))
         stats = engine.stats()
     finally:
         engine.close()
@@ -142,7 +152,7 @@ def test_batch_invariance(setup, dtype):
         assert len(t.tokens) == reqs[i]["n"]
     assert peak >= 4  # several requests decoded together
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
-    assert stats["requests_finished"] == 24 and stats["tokens_generated"] == 2 * sum(r["n"] for r in reqs)
+    assert stats["requests_finished"] == 25 and stats["tokens_generated"] == 2 * sum(r["n"] for r in reqs) + 1
 
 
 def test_sampling_follows_the_seed(setup):
