@@ -6,6 +6,7 @@
 #include "gemv.h"
 #include "ops.h"
 #include "qlinear.h"
+#include "paged_attention.h"
 
 TORCH_LIBRARY(llama_mm, m) {
   // Fake (meta) implementations for tracing and torch.library.opcheck live in this Python module.
@@ -17,6 +18,8 @@ TORCH_LIBRARY(llama_mm, m) {
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor lengths) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
@@ -27,4 +30,5 @@ TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
   m.impl("cross_attention", &llama_mm::cpu::cross_attention);
   m.impl("gemv", &llama_mm::cpu::gemv);
   m.impl("qlinear", &llama_mm::cpu::qlinear);
+  m.impl("paged_attention", &llama_mm::cpu::paged_attention);
 }
