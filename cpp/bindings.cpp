@@ -6,7 +6,29 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "engine.h"
+#include "scheduler.h"
 #include "sampling.h"
+
+namespace {
+
+// Scheduler events as Python tuples: (id, token | -1, logprob | None, [(id, logprob)] | None, finish | None,
+// error | None, prompt_tokens, completion_tokens).
+py::list events_to_python(const std::vector<llama_mm::BatchEvent>& events) {
+  py::list out;
+  for (const auto& e : events) {
+    py::object lp = py::none(), top = py::none(), fin = py::none(), err = py::none();
+    if (e.has_logprobs) {
+      lp = py::float_(e.logprob);
+      top = py::cast(e.top);
+    }
+    if (!e.finish.empty()) fin = py::str(e.finish);
+    if (!e.error.empty()) err = py::str(e.error);
+    out.append(py::make_tuple(e.id, e.token, lp, top, fin, err, e.prompt_tokens, e.completion_tokens));
+  }
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llama_mm native kernels; the ops are torch.ops.llama_mm.*";
@@ -89,4 +111,64 @@ PYBIND11_MODULE(_C, m) {
            py::arg("attention_mask"), py::arg("vision_states"), py::arg("cross_mask"), py::arg("row_mask"),
            py::arg("max_new_tokens"))
       .def("step", &llama_mm::Engine::step, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"));
+
+  // Continuous batching over an engine's weights; one thread drives it (python/llama_mm/batching.py).
+  py::class_<llama_mm::Scheduler>(m, "Scheduler")
+      .def(py::init([](const llama_mm::Engine& engine, int64_t max_batch, double kv_cache_mb, int64_t block_size,
+                       int64_t prefill_chunk) {
+             llama_mm::SchedulerConfig cfg;
+             cfg.max_batch = max_batch;
+             cfg.kv_cache_mb = kv_cache_mb;
+             cfg.block_size = block_size;
+             cfg.prefill_chunk = prefill_chunk;
+             return std::make_unique<llama_mm::Scheduler>(engine.weights(), cfg);
+           }),
+           py::arg("engine"), py::arg("max_batch"), py::arg("kv_cache_mb"), py::arg("block_size"),
+           py::arg("prefill_chunk"))
+      .def("fit_error", &llama_mm::Scheduler::fit_error, "Why a request of these sizes can never run ('' if it can)",
+           py::arg("prompt_tokens"), py::arg("max_new_tokens"), py::arg("image_tokens"))
+      .def("add",
+           [](llama_mm::Scheduler& s, int64_t id, const at::Tensor& ids, const std::optional<at::Tensor>& vision,
+              const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& rows, int64_t max_new_tokens,
+              const llama_mm::SamplingParams& sp, std::vector<int64_t> stop_ids, int64_t logprobs) {
+             llama_mm::BatchRequest r;
+             r.id = id;
+             r.input_ids = ids;
+             r.vision_states = vision.value_or(at::Tensor());
+             r.cross_mask = cross.value_or(at::Tensor());
+             r.row_mask = rows.value_or(at::Tensor());
+             r.max_new_tokens = max_new_tokens;
+             r.sampling = sp;
+             r.stop_ids = std::move(stop_ids);
+             r.logprobs = logprobs;
+             s.add(std::move(r));
+           },
+           "Queue a request: input_ids [T] int64; vision_states [1, S, C], cross_mask [1, 1, T, S], row_mask [1, T, 1] "
+           "or None", py::arg("id"), py::arg("input_ids"), py::arg("vision_states"), py::arg("cross_mask"),
+           py::arg("row_mask"), py::arg("max_new_tokens"), py::arg("params"), py::arg("stop_ids"),
+           py::arg("logprobs"))
+      .def("cancel", [](llama_mm::Scheduler& s, int64_t id) { return events_to_python(s.cancel(id)); },
+           py::arg("id"))
+      .def("abort_all",
+           [](llama_mm::Scheduler& s, const std::string& reason, const std::string& error) {
+             return events_to_python(s.abort_all(reason, error));
+           },
+           py::arg("reason"), py::arg("error"))
+      .def("step",
+           [](llama_mm::Scheduler& s) {
+             std::vector<llama_mm::BatchEvent> events;
+             {
+               py::gil_scoped_release release;
+               events = s.step();
+             }
+             return events_to_python(events);
+           },
+           "One step (GIL released): its events as tuples (id, token, logprob, top, finish, error, prompt_tokens, "
+           "completion_tokens)")
+      .def_property_readonly("has_work", &llama_mm::Scheduler::has_work)
+      .def_property_readonly("running", &llama_mm::Scheduler::running)
+      .def_property_readonly("waiting", &llama_mm::Scheduler::waiting)
+      .def_property_readonly("kv_blocks_used", [](const llama_mm::Scheduler& s) { return s.cache().used_blocks(); })
+      .def_property_readonly("kv_blocks_total", [](const llama_mm::Scheduler& s) { return s.cache().num_blocks(); })
+      .def_property_readonly("kv_block_size", [](const llama_mm::Scheduler& s) { return s.cache().block_size(); });
 }

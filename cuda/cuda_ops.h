@@ -31,4 +31,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask);
 
+// q [B, H, D]; k_pool, v_pool [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] int32/int64;
+// lengths [B] int32/int64, read on the device and clamped to [1, max_blocks * block_size] (block ids clamped to
+// the pool). At most 8 query heads per KV head, head_dim <= 256. -> [B, H, D] contiguous.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& block_tables, const at::Tensor& lengths);
+
 }  // namespace llama_mm::cuda

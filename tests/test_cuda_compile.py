@@ -72,9 +72,11 @@ def test_cuda_source_compiles(compiled, name):
     assert (out_dir / (Path(name).stem + ".o")).stat().st_size > 0
 
 
-def test_engine_cuda_graph_path_compiles(tmp_path):
-    """The engine's CUDA-graph decode path (built only with CUDA) compiles against torch's CUDA headers."""
-    *flags, out_flag, obj, src = nvcc_command(ROOT / "cpp" / "engine" / "engine.cpp", tmp_path / "engine.o")
+@pytest.mark.parametrize("name", ["engine.cpp", "scheduler.cpp"])
+def test_engine_cuda_path_compiles(tmp_path, name):
+    """The engine's CUDA-graph decode path and the batching scheduler (built with CUDA) compile against torch's
+    CUDA headers."""
+    *flags, out_flag, obj, src = nvcc_command(ROOT / "cpp" / "engine" / name, tmp_path / (name + ".o"))
     cmd = [*flags, "-DLLAMA_MM_WITH_CUDA", "-x", "c++", out_flag, obj, src]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"engine.cpp with LLAMA_MM_WITH_CUDA:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{name} with LLAMA_MM_WITH_CUDA:\n{result.stdout}\n{result.stderr}"

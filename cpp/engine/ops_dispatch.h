@@ -42,6 +42,13 @@ inline at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, cons
   return h.call(q, k, v, mask);
 }
 
+inline at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& lengths) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&)>("llama_mm::paged_attention");
+  return h.call(q, k_pool, v_pool, block_tables, lengths);
+}
+
 // The most negative finite value of a dtype: transformers' finfo(dtype).min mask value.
 inline at::Scalar lowest(at::ScalarType t) {
   switch (t) {

@@ -1,11 +1,17 @@
-// Small-batch linear layer for the decode step (CPU): y[b, n] = sum_k x[b, k] * w[n, k], b < 8.
+// Small-batch linear layer for the decode step (CPU): y[b, n] = sum_k x[b, k] * w[n, k], up to kMaxRows rows of x.
 //
-// At batch 1-8 a linear layer is a matrix-vector product bound by reading w once. This kernel streams each weight
-// row once for all batch rows, parallel over output rows; products are exact in float32 (bfloat16 pairs through
-// vdpbf16ps, other types widened to float32 in registers), summed in float32 and rounded once to the input dtype.
+// At a few rows a linear layer is bound by reading w once. This kernel streams each weight row once for all rows
+// of x, parallel over output rows; products are exact in float32 (bfloat16 pairs through vdpbf16ps, other types
+// widened to float32 in registers), summed in float32 and rounded once to the input dtype.
+//
+// Batch invariance: every (x row, weight row) dot product is summed in one fixed order (dot_tile below), whatever
+// the number of rows M and however the rows are grouped into tiles, so a row's output does not depend on the other
+// rows of the batch (the continuous-batching scheduler relies on it: a request's tokens are the same alone or among
+// others). at::linear (MKL) gives no such promise, hence kMaxRows = the scheduler's largest batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <type_traits>
 
 #if defined(__AVX512F__)
@@ -18,156 +24,138 @@
 namespace llama_mm::cpu {
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 64;
 
 template <typename T>
 inline float widen(T v) {
   return static_cast<float>(v);
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  auto u16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u16), 16));
-}
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
-
-
-// Dot products of x (T, [K]) with S weight rows at once, summed in float32. The S rows come from S distant parts of
-// the weight matrix, so the loads form S independent sequential streams: one stream per core leaves memory
-// bandwidth unused. Each stream is also prefetched kPrefetchBytes ahead (past a row's end that is the stream's
-// next row): the hardware prefetcher stops at every 4 KiB page. Measured on the 2-core dev machine, the weights of
-// one decode step in bf16: 1 stream ~17 GB/s, 4 streams 27 GB/s, 4 streams + 1 KiB prefetch 31 GB/s (its read
-// bandwidth, bench/cpp/read_bandwidth.cpp: 31.6 GB/s).
+// The weight rows of a tile come from distant parts of the matrix, so the loads form independent sequential
+// streams: one stream per core leaves memory bandwidth unused. Each stream is also prefetched kPrefetchBytes ahead
+// (past a row's end that is the stream's next row): the hardware prefetcher stops at every 4 KiB page. Measured on
+// the 2-core dev machine, the weights of one decode step in bf16: 1 stream ~17 GB/s, 4 streams 27 GB/s, 4 streams
+// + 1 KiB prefetch 31 GB/s (its read bandwidth, bench/cpp/read_bandwidth.cpp: 31.6 GB/s).
 constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 3); }
 
-template <typename T, int S>
-inline void dot_rows(const T* x, const T* const* wr, int64_t K, float* sums) {
+// sums[s * R + r] = w[s] . x[r] over K for S weight rows and R rows of x. The order of one dot product is fixed:
+// two float32 vector accumulators over chunks of two vectors (acc0 the first, acc1 the second), a last single
+// vector into acc0, acc0 + acc1 summed across lanes, then the scalar tail in order. Nothing depends on S or R.
+template <typename T, int S, int R>
+inline void dot_tile(const T* const* x, const T* const* w, int64_t K, float* sums) {
   int64_t k = 0;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
-    __m512 acc[S][2];
-    for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_ps();
+    __m512 acc[S][R][2];
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
     for (; k + 64 <= K; k += 64) {
-      const __m512bh x0 = load32_bh(x + k), x1 = load32_bh(x + k + 32);
+      __m512bh x0[R], x1[R];
+      for (int r = 0; r < R; ++r) x0[r] = load32_bh(x[r] + k), x1[r] = load32_bh(x[r] + k + 32);
       for (int s = 0; s < S; ++s) {
-        prefetch(wr[s] + k);
-        prefetch(wr[s] + k + 32);
-        acc[s][0] = _mm512_dpbf16_ps(acc[s][0], load32_bh(wr[s] + k), x0);
-        acc[s][1] = _mm512_dpbf16_ps(acc[s][1], load32_bh(wr[s] + k + 32), x1);
+        prefetch(w[s] + k);
+        prefetch(w[s] + k + 32);
+        const __m512bh w0 = load32_bh(w[s] + k), w1 = load32_bh(w[s] + k + 32);
+        for (int r = 0; r < R; ++r) {
+          acc[s][r][0] = _mm512_dpbf16_ps(acc[s][r][0], w0, x0[r]);
+          acc[s][r][1] = _mm512_dpbf16_ps(acc[s][r][1], w1, x1[r]);
+        }
       }
     }
     for (; k + 32 <= K; k += 32)
-      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_dpbf16_ps(acc[s][0], load32_bh(wr[s] + k), load32_bh(x + k));
-    for (int s = 0; s < S; ++s) sums[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
+      for (int s = 0; s < S; ++s)
+        for (int r = 0; r < R; ++r)
+          acc[s][r][0] = _mm512_dpbf16_ps(acc[s][r][0], load32_bh(w[s] + k), load32_bh(x[r] + k));
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) sums[s * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][r][0], acc[s][r][1]));
   } else
 #endif
   {
-#if defined(__AVX512F__)
-    __m512 acc[S][2];
-    for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
-      const __m512 x0 = load16(x + k), x1 = load16(x + k + 16);
+    constexpr int64_t V = fVec::size(), kStepBytes = 2 * V * sizeof(T);
+    fVec acc[S][R][2];
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = fVec(0.f);
+    for (; k + 2 * V <= K; k += 2 * V) {
+      fVec x0[R], x1[R];
+      for (int r = 0; r < R; ++r) x0[r] = load1(x[r] + k), x1[r] = load1(x[r] + k + V);
       for (int s = 0; s < S; ++s) {
-        const char* bytes = reinterpret_cast<const char*>(wr[s] + k);
-        for (int64_t line = 0; line < 32 * int64_t(sizeof(T)); line += 64) prefetch(bytes + line);
-        acc[s][0] = _mm512_fmadd_ps(load16(wr[s] + k), x0, acc[s][0]);
-        acc[s][1] = _mm512_fmadd_ps(load16(wr[s] + k + 16), x1, acc[s][1]);
+        const char* bytes = reinterpret_cast<const char*>(w[s] + k);
+        if constexpr (kStepBytes >= 64) {
+          for (int64_t line = 0; line < kStepBytes; line += 64) prefetch(bytes + line);
+        } else if ((k * int64_t(sizeof(T))) % 64 == 0) {
+          prefetch(bytes);
+        }
+        const fVec w0 = load1(w[s] + k), w1 = load1(w[s] + k + V);
+        for (int r = 0; r < R; ++r) {
+          acc[s][r][0] = at::vec::fmadd(w0, x0[r], acc[s][r][0]);
+          acc[s][r][1] = at::vec::fmadd(w1, x1[r], acc[s][r][1]);
+        }
       }
     }
-    for (; k + 16 <= K; k += 16)
-      for (int s = 0; s < S; ++s) acc[s][0] = _mm512_fmadd_ps(load16(wr[s] + k), load16(x + k), acc[s][0]);
-    for (int s = 0; s < S; ++s) sums[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
-#else
-    for (int s = 0; s < S; ++s) sums[s] = 0.f;
-#endif
+    for (; k + V <= K; k += V)
+      for (int s = 0; s < S; ++s)
+        for (int r = 0; r < R; ++r) acc[s][r][0] = at::vec::fmadd(load1(w[s] + k), load1(x[r] + k), acc[s][r][0]);
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) sums[s * R + r] = hsum(acc[s][r][0] + acc[s][r][1]);
   }
   for (; k < K; ++k)
-    for (int s = 0; s < S; ++s) sums[s] += widen(wr[s][k]) * widen(x[k]);
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) sums[s * R + r] = std::fma(widen(w[s][k]), widen(x[r][k]), sums[s * R + r]);
 }
 
-// Batch 1, rows [n0, n1) of y: the block is cut into kStreams contiguous parts walked side by side, one row of each
-// per step; the rows left over (fewer than kStreams) go one at a time.
+// Output rows n[0..S) of y (T, [M, N] row-major) for the R rows of x starting at x row r0.
+template <typename T, int S, int R>
+inline void tile(const T* x, int64_t r0, const T* w, int64_t w_stride, int64_t K, int64_t N, const int64_t* n,
+                 T* y) {
+  const T* xr[R];
+  const T* wr[S];
+  float sums[S * R];
+  for (int r = 0; r < R; ++r) xr[r] = x + (r0 + r) * K;
+  for (int s = 0; s < S; ++s) wr[s] = w + n[s] * w_stride;
+  dot_tile<T, S, R>(xr, wr, K, sums);
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) y[(r0 + r) * N + n[s]] = static_cast<T>(sums[s * R + r]);
+}
+
+// Output rows n[0..S) for all M rows of x, four x rows at a time.
+template <typename T, int S>
+void tile_all_rows(const T* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, const int64_t* n, T* y) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= M; r0 += 4) tile<T, S, 4>(x, r0, w, ws, K, N, n, y);
+  switch (M - r0) {
+    case 3: tile<T, S, 3>(x, r0, w, ws, K, N, n, y); break;
+    case 2: tile<T, S, 2>(x, r0, w, ws, K, N, n, y); break;
+    case 1: tile<T, S, 1>(x, r0, w, ws, K, N, n, y); break;
+    default: break;
+  }
+}
+
+// Rows [n0, n1) of y from x (T, [M, K], contiguous) and w (T, [N, K], rows contiguous). One row of x: the block
+// is cut into kStreams contiguous parts walked side by side (one row of each per step), the rows left over one at a
+// time. More rows: two adjacent weight rows at a time, read once for all rows of x (which stay in cache).
 constexpr int kStreams = 4;
 
 template <typename T>
-void gemv_rows_1(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t n0, int64_t n1, T* y) {
-  const int64_t part = (n1 - n0) / kStreams;
-  for (int64_t i = 0; i < part; ++i) {
-    const T* wr[kStreams];
-    float sums[kStreams];
-    for (int s = 0; s < kStreams; ++s) wr[s] = w + (n0 + s * part + i) * w_stride;
-    dot_rows<T, kStreams>(x, wr, K, sums);
-    for (int s = 0; s < kStreams; ++s) y[n0 + s * part + i] = static_cast<T>(sums[s]);
-  }
-  for (int64_t n = n0 + kStreams * part; n < n1; ++n) {
-    const T* wr = w + n * w_stride;
-    float sum;
-    dot_rows<T, 1>(x, &wr, K, &sum);
-    y[n] = static_cast<T>(sum);
-  }
-}
-
-// Batch 2-8, rows [n0, n1) of y (T, [B, N], each value rounded once from its float32 sum) from x (T, [B, K],
-// contiguous) and w (T, [N, K], rows contiguous): each weight row is read once (prefetched ahead) for all B rows of
-// x, which stay in L1. bfloat16 multiplies pairs with vdpbf16ps as batch 1 does; other types widen to float32.
-template <typename T, int B>
-void gemv_rows(const T* x, const T* w, int64_t w_stride, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* wr = w + n * w_stride;
-    float sums[B];
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    __m512 acc[B];
-    for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-        for (; k + 32 <= K; k += 32) {
-        prefetch(wr + k);
-        const __m512bh wv = load32_bh(wr + k);
-        for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbf16_ps(acc[b], wv, load32_bh(x + b * K + k));
-      }
-    } else
-#endif
-    {
-      for (; k + 16 <= K; k += 16) {
-        if (k % (64 / sizeof(T)) == 0) prefetch(wr + k);
-        const __m512 wv = load16(wr + k);
-        for (int b = 0; b < B; ++b) acc[b] = _mm512_fmadd_ps(wv, load16(x + b * K + k), acc[b]);
-      }
+void gemv_block(const T* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
+  int64_t n = n0;
+  if (M == 1) {
+    const int64_t part = (n1 - n0) / kStreams;
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t rows[kStreams];
+      for (int s = 0; s < kStreams; ++s) rows[s] = n0 + s * part + i;
+      tile<T, kStreams, 1>(x, 0, w, ws, K, N, rows, y);
     }
-    for (int b = 0; b < B; ++b) sums[b] = _mm512_reduce_add_ps(acc[b]);
-#else
-    for (int b = 0; b < B; ++b) sums[b] = 0.f;
-#endif
-    for (; k < K; ++k) {
-      const float wk = widen(wr[k]);
-      for (int b = 0; b < B; ++b) sums[b] += wk * widen(x[b * K + k]);
+    n = n0 + kStreams * part;
+  } else {
+    for (; n + 2 <= n1; n += 2) {
+      const int64_t rows[2] = {n, n + 1};
+      tile_all_rows<T, 2>(x, M, w, ws, K, N, rows, y);
     }
-    for (int b = 0; b < B; ++b) y[b * N + n] = static_cast<T>(sums[b]);
   }
-}
-
-template <typename T>
-void gemv_dispatch(const T* x, int64_t B, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                   T* y) {
-  switch (B) {
-    case 1: return gemv_rows_1<T>(x, w, ws, K, n0, n1, y);
-    case 2: return gemv_rows<T, 2>(x, w, ws, K, N, n0, n1, y);
-    case 3: return gemv_rows<T, 3>(x, w, ws, K, N, n0, n1, y);
-    case 4: return gemv_rows<T, 4>(x, w, ws, K, N, n0, n1, y);
-    case 5: return gemv_rows<T, 5>(x, w, ws, K, N, n0, n1, y);
-    case 6: return gemv_rows<T, 6>(x, w, ws, K, N, n0, n1, y);
-    case 7: return gemv_rows<T, 7>(x, w, ws, K, N, n0, n1, y);
-    default: return gemv_rows<T, 8>(x, w, ws, K, N, n0, n1, y);
-  }
+  for (; n < n1; ++n) tile_all_rows<T, 1>(x, M, w, ws, K, N, &n, y);
 }
 
 }  // namespace
@@ -200,7 +188,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
     const T* xp = x.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      gemv_dispatch<T>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
+      gemv_block<T>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
     });
   };
   switch (w.scalar_type()) {

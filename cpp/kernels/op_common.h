@@ -74,6 +74,40 @@ inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, c1
   check_device(up, gate, type, "silu_mul", "up", "gate");
 }
 
+// paged_attention: q [B, H, D]; k_pool, v_pool [num_blocks, Hkv, block_size, D] (q's dtype, unit stride along D);
+// block_tables [B, max_blocks] int32/int64; lengths [B] int32/int64 (the values are checked by the CPU kernel, which
+// reads them on the host; the CUDA kernel clamps them).
+inline void check_paged_attention_args(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                       const at::Tensor& block_tables, const at::Tensor& lengths,
+                                       c10::DeviceType type) {
+  const char* op = "paged_attention";
+  check_float_dtype(q, op, "q");
+  TORCH_CHECK(q.dim() == 3, "llama_mm.paged_attention: q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
+              "llama_mm.paged_attention: k_pool and v_pool must be [num_blocks, Hkv, block_size, D] of one shape, "
+              "got k_pool ", k_pool.sizes(), " v_pool ", v_pool.sizes());
+  TORCH_CHECK(k_pool.size(3) == q.size(2), "llama_mm.paged_attention: head_dim of k_pool ", k_pool.sizes(),
+              " differs from q ", q.sizes());
+  TORCH_CHECK(k_pool.size(1) > 0 && q.size(1) % k_pool.size(1) == 0, "llama_mm.paged_attention: query heads ",
+              q.size(1), " not a multiple of kv heads ", k_pool.size(1));
+  check_same_dtype(k_pool, q, op, "k_pool", "q");
+  check_same_dtype(v_pool, q, op, "v_pool", "q");
+  TORCH_CHECK(q.stride(2) == 1 && k_pool.stride(3) == 1 && v_pool.stride(3) == 1,
+              "llama_mm.paged_attention: the head dim of q, k_pool and v_pool must be contiguous");
+  for (const auto* t : {&block_tables, &lengths})
+    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, "llama_mm.paged_attention: ",
+                t == &lengths ? "lengths" : "block_tables", " must be int32 or int64, got ", t->scalar_type());
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && block_tables.size(1) > 0,
+              "llama_mm.paged_attention: block_tables must be [B, max_blocks] with B = ", q.size(0), ", got ",
+              block_tables.sizes());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0), "llama_mm.paged_attention: lengths must be [B] = [",
+              q.size(0), "], got ", lengths.sizes());
+  check_device(k_pool, q, type, op, "k_pool", "q");
+  check_device(v_pool, q, type, op, "v_pool", "q");
+  check_device(block_tables, q, type, op, "block_tables", "q");
+  check_device(lengths, q, type, op, "lengths", "q");
+}
+
 // t [..., D] as [N, D] with unit stride along D: a view when the leading dims allow it, else a contiguous copy.
 inline at::Tensor as_rows(const at::Tensor& t) {
   at::Tensor r = t.reshape({-1, t.size(-1)});

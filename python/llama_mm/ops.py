@@ -28,7 +28,8 @@ else:
 NATIVE: bool = _C is not None
 CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
 
-__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "rms_norm_ref", "rope_ref", "silu_mul_ref"]
+__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "rms_norm_ref", "rope_ref",
+           "silu_mul_ref", "paged_attention_ref"]
 
 
 # ---- references (HF formulas) ----------------------------------------------------------------------------------
@@ -65,6 +66,30 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                        lengths: torch.Tensor) -> torch.Tensor:
+    """Single-query attention over a paged KV cache, row by row (softmax in float32, as HF's eager attention).
+
+    q [B, H, D]; k_pool, v_pool [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] (row b's key j in
+    block block_tables[b, j // block_size], slot j % block_size); lengths [B]: row b attends to keys [0, lengths[b]).
+    -> [B, H, D].
+    """
+    B, H, D = q.shape
+    _, Hkv, bs, _ = k_pool.shape
+    out = []
+    for b in range(B):
+        n = int(lengths[b])
+        blocks = block_tables[b, : (n + bs - 1) // bs].long()
+
+        def keys(pool):  # (H, n, D): the row's keys, each KV head repeated for its query heads
+            rows = pool[blocks].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :n]
+            return rows.repeat_interleave(H // Hkv, dim=0).float()
+
+        scores = torch.einsum("hd,hnd->hn", q[b].float(), keys(k_pool)) * D**-0.5  # (H, n)
+        out.append(torch.einsum("hn,hnd->hd", scores.softmax(-1), keys(v_pool)).to(q.dtype))
+    return torch.stack(out)  # (B, H, D)
+
+
 # ---- wrappers ----------------------------------------------------------------------------------------------------
 
 
@@ -99,6 +124,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(gate, up)
 
 
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor) -> torch.Tensor:
+    """Single-query attention over a paged KV cache (see paged_attention_ref for the shapes)."""
+    if _native_ok(q, k_pool, v_pool):
+        return torch.ops.llama_mm.paged_attention(q, k_pool, v_pool, block_tables, lengths)
+    return paged_attention_ref(q, k_pool, v_pool, block_tables, lengths)
+
+
 # ---- registrations: fake (meta) implementations for tracing/torch.compile/opcheck, and autograd -----------------
 
 if NATIVE:
@@ -126,6 +159,10 @@ if NATIVE:
     @torch.library.register_fake("llama_mm::gemv")
     def _gemv_fake(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("llama_mm::paged_attention")
+    def _paged_attention_fake(q, k_pool, v_pool, block_tables, lengths):
+        return q.new_empty(q.shape)
 
 
 def _register_reference_backward(name: str, reference, n_tensors: int) -> None:

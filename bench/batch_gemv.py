@@ -1,0 +1,108 @@
+"""The batch-invariant gemv (cpp/kernels/gemv.cpp) per batch size M, against the kernel it replaced (batch 1-8
+only; it handed larger batches to at::linear) and at::linear (MKL, not batch-invariant), timed interleaved.
+
+    PYTHONPATH=python python bench/batch_gemv.py     # writes bench/results/batch_gemv.json
+
+The previous kernel is compiled here from git (revision BASE, its namespace renamed) with the CMake build's flags.
+Physical limit: one call reads the weight once, so bytes / read bandwidth (measured here: a multi-threaded sum over
+a 1 GiB tensor, best of 5) bounds its time from below.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+import llama_mm.ops  # noqa: E402,F401  (registers torch.ops.llama_mm.*)
+
+BASE = "aea14ec"  # the last commit with the previous gemv kernel
+OUT = ROOT / "bench" / "results" / "batch_gemv.json"
+SHAPES = [(4096, 4096), (14336, 4096)]  # 11B q/o projection, MLP up (N, K)
+ROWS = [1, 2, 4, 8, 16, 32, 64]
+ROUNDS, REPS = 7, 5
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def base_kernel():
+    """The previous gemv, compiled from git revision BASE in namespace llama_mm_base."""
+    src = subprocess.run(["git", "show", f"{BASE}:cpp/kernels/gemv.cpp"], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.replace("namespace llama_mm::cpu {", "namespace llama_mm_base {")
+    src += '\n#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &llama_mm_base::gemv); }\n'
+    isa = "AVX512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
+    return cpp_extension.load_inline(
+        "llama_mm_base_gemv", [src], extra_include_paths=[str(ROOT / "cpp" / "kernels")],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", f"-DCPU_CAPABILITY={isa}",
+                      f"-DCPU_CAPABILITY_{isa}"], verbose=False)
+
+
+def read_bandwidth_gbps() -> float:
+    x = torch.ones(2**28)  # 1 GiB float32
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def main() -> None:
+    base = base_kernel()
+    bandwidth = read_bandwidth_gbps()
+    load_before = os.getloadavg()
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for N, K in SHAPES:
+            weights = [torch.randn(N, K).to(dtype) for _ in range(2)]  # alternate: no weight stays in cache
+            for M in ROWS:
+                x = torch.randn(M, K).to(dtype)
+                kernels = {"ours": torch.ops.llama_mm.gemv, "aten_linear": F.linear}
+                if M <= 8:
+                    kernels["previous"] = base.gemv
+                best = {k: float("inf") for k in kernels}
+                for _ in range(ROUNDS):  # interleaved: each round times every kernel
+                    for name, fn in kernels.items():
+                        t = time.perf_counter()
+                        for r in range(REPS):
+                            fn(x, weights[r % 2])
+                        best[name] = min(best[name], (time.perf_counter() - t) / REPS)
+                limit_us = N * K * weights[0].element_size() / (bandwidth * 1e9) * 1e6
+                row = dict(dtype=str(dtype).split(".")[1], N=N, K=K, M=M, limit_us=round(limit_us, 1),
+                           **{f"{k}_us": round(v * 1e6, 1) for k, v in best.items()})
+                print(row)
+                cases.append(row)
+    record = {
+        "command": "PYTHONPATH=python python bench/batch_gemv.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        "torch": torch.__version__,
+        "method": f"best of {ROUNDS} interleaved rounds of {REPS} calls each, two weight copies alternated; "
+                  f"'previous' = cpp/kernels/gemv.cpp at {BASE} (batch <= 8 only), 'aten_linear' = F.linear (MKL)",
+        "read_bandwidth_GBps": round(bandwidth, 1),
+        "limit": "limit_us = weight bytes / read_bandwidth (one read of the weight per call)",
+        "cases": cases,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

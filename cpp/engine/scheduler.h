@@ -1,0 +1,93 @@
+// Continuous batching: requests join and leave between steps; one step runs the prefill work of admitted requests
+// (chunked, each request on its own) and then one decode step for every running request together (every weight
+// read once for all rows, paged self-attention, per-request cross-attention and sampling).
+//
+// Batch invariance: a request's tokens do not depend on the other requests. Its prefill runs alone (B = 1) in
+// chunks whose boundaries depend on its own prompt and prefill_chunk only; every op of the decode step computes a
+// row from that row's inputs in a fixed order (gemv, paged_attention, cross_attention, rms_norm, rope, silu_mul).
+//
+// Not thread-safe: one thread (the Python engine thread) calls it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kv_cache.h"
+#include "sampling.h"
+#include "text_weights.h"
+
+namespace llama_mm {
+
+struct SchedulerConfig {
+  int64_t max_batch = 16;       // running requests at most (<= 64, gemv's batch-invariant limit)
+  double kv_cache_mb = 512;     // self-attention KV pool + image K/V budget
+  int64_t block_size = 16;      // tokens per KV block
+  int64_t prefill_chunk = 256;  // prompt tokens per step at most
+};
+
+struct BatchRequest {
+  int64_t id = 0;
+  at::Tensor input_ids;                          // [T] int64
+  at::Tensor vision_states, cross_mask, row_mask;  // [1, S, C], [1, 1, T, S], [1, T, 1]; undefined: text only
+  int64_t max_new_tokens = 0;
+  SamplingParams sampling;
+  std::vector<int64_t> stop_ids;
+  int64_t logprobs = 0;  // k > 0: the chosen token's log-softmax and the top-k (id, logprob) pairs
+};
+
+// A generated token (token >= 0) or the end of a request (finish non-empty: "stop", "length", "cancelled",
+// "error").
+struct BatchEvent {
+  int64_t id = 0;
+  int64_t token = -1;
+  double logprob = 0.0;                          // valid when has_logprobs
+  bool has_logprobs = false;
+  std::vector<std::pair<int64_t, double>> top;   // the top-k (id, logprob), best first
+  std::string finish, error;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(std::shared_ptr<const TextWeights> weights, SchedulerConfig cfg);
+  ~Scheduler();
+
+  // Empty when a request of these sizes can ever run, else why not (naming the numbers).
+  std::string fit_error(int64_t prompt_tokens, int64_t max_new_tokens, int64_t image_tokens) const;
+  // Queues a request (checked: shapes, ids, sampling, fit); runs from a later step.
+  void add(BatchRequest r);
+  // Ends a queued or running request now, freeing its blocks; its "cancelled" event (none if the id is unknown).
+  std::vector<BatchEvent> cancel(int64_t id);
+  // Ends every request with `reason` (e.g. "error" after a failed step).
+  std::vector<BatchEvent> abort_all(const std::string& reason, const std::string& error);
+  // One step: admission, prefill chunks, one decode step of the running batch. Its tokens and finished requests.
+  std::vector<BatchEvent> step();
+
+  bool has_work() const { return !waiting_.empty() || !active_.empty(); }
+  int64_t running() const { return static_cast<int64_t>(active_.size()); }
+  int64_t waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  const KvCache& cache() const { return cache_; }
+
+ private:
+  struct Sequence;
+  void admit();
+  at::Tensor prefill_chunk(Sequence& s, int64_t n);  // logits [1, V] at the prompt's end, else undefined
+  at::Tensor decode(const std::vector<Sequence*>& rows);  // logits [B, V]
+  void sample(Sequence& s, const at::Tensor& logits, std::vector<BatchEvent>& events);
+  void ensure_blocks(Sequence& s, int64_t tokens);
+  BatchEvent finish(Sequence& s, const std::string& reason, const std::string& error = "");
+  void remove_finished();
+
+  std::shared_ptr<const TextWeights> w_;
+  SchedulerConfig cfg_;
+  KvCache cache_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> active_;  // admitted (prefilling or decoding), in admission order
+};
+
+}  // namespace llama_mm

@@ -1,0 +1,328 @@
+"""Continuous batching (llama_mm.batching.BatchEngine over the native scheduler): a request served alone equals the
+single-request engine and transformers' generate; served among others it equals itself alone (batch invariance,
+fp32 and bf16, greedy and sampled); logprobs equal the PyTorch model's log-softmax; the paged KV pool admits,
+queues, refuses and frees as specified; and the batch-invariant gemv kernel underneath."""
+import threading
+
+import pytest
+import torch
+
+import llama_mm
+from llama_mm import _C  # noqa: F401  (the extension must be built)
+from llama_mm.batching import BatchEngine, FinishEvent, QueueFull, RequestTooLarge, TokenEvent
+from llama_mm.engine import Engine
+from llama_mm.sampling import SamplingParams
+from checkpoints import build_reference, random_inputs, write_checkpoint
+
+GREEDY = SamplingParams()
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ref = build_reference(attn_implementation="sdpa", seed=21)
+    ck = write_checkpoint(tmp_path_factory.mktemp("ck"), ref)
+    return ref, ck, llama_mm.load_model(ck)
+
+
+class Collector:
+    """on_event for one request: its tokens, logprob events and FinishEvent, checking the event order."""
+
+    def __init__(self, engine=None, on_token=None):
+        self.tokens, self.events, self.finish = [], [], None
+        self.done = threading.Event()
+        self.engine, self.on_token, self.stats_at_finish = engine, on_token, None
+
+    def __call__(self, event):
+        assert self.finish is None, "an event after the FinishEvent"
+        if isinstance(event, FinishEvent):
+            self.finish = event
+            if self.engine is not None:
+                self.stats_at_finish = self.engine.stats()
+            self.done.set()
+        else:
+            assert isinstance(event, TokenEvent)
+            self.tokens.append(event.token_id)
+            self.events.append(event)
+            if self.on_token:
+                self.on_token(self)
+
+    def wait(self):
+        assert self.done.wait(TIMEOUT), "request did not finish"
+        return self
+
+
+def submit(engine, req, collector=None):
+    c = collector or Collector()
+    engine.submit(req["inputs"], max_new_tokens=req["n"], params=req.get("params", GREEDY),
+                  stop_ids=req.get("stop", ()), logprobs=req.get("logprobs", 0), on_event=c)
+    return c
+
+
+def serve_together(engine, reqs):
+    return [c.wait() for c in [submit(engine, r) for r in reqs]]
+
+
+def serve_alone(engine, reqs):
+    return [submit(engine, r).wait() for r in reqs]
+
+
+def hf_greedy(ref, inputs, n):
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+ALONE_CASES = {
+    "image": dict(seq=11, aspect_ratios=((2, 2),)),
+    "text-only": dict(seq=9, with_image=False),
+    "two-images": dict(seq=14, images_per_row=2, aspect_ratios=((1, 2), (3, 1))),
+}
+
+
+@pytest.mark.parametrize("case", list(ALONE_CASES))
+def test_alone_equals_engine_and_transformers(setup, case):
+    ref, _, model = setup
+    inputs = random_inputs(ref, seed=len(case), **ALONE_CASES[case])
+    n = 24
+    engine = BatchEngine(model, prefill_chunk=4)  # several prefill chunks per prompt
+    try:
+        got = submit(engine, dict(inputs=inputs, n=n)).wait()
+    finally:
+        engine.close()
+    assert got.finish.reason == "length" and got.finish.completion_tokens == n
+    assert got.finish.prompt_tokens == inputs["input_ids"].shape[1]
+    assert got.tokens == Engine(model).run(inputs, n)[0].tolist()
+    assert got.tokens == hf_greedy(ref, inputs, n)
+
+
+def mixed_requests(ref):
+    """12 requests: prompt lengths 5-30, one or two images of several shapes or none, budgets 3-20, greedy and
+    seeded sampling (one with a repetition penalty)."""
+    shapes = [dict(aspect_ratios=((1, 1),)), dict(with_image=False), dict(aspect_ratios=((2, 2),)),
+              dict(images_per_row=2, aspect_ratios=((1, 2), (2, 1))), dict(with_image=False),
+              dict(aspect_ratios=((4, 1),))]
+    sampled = SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    reqs = []
+    for i in range(12):
+        params = GREEDY
+        if i % 4 == 3:
+            params = SamplingParams(do_sample=True, temperature=0.8, seed=100 + i)
+        elif i == 6:
+            params = sampled
+        elif i == 9:
+            params = SamplingParams(repetition_penalty=1.3)
+        reqs.append(dict(inputs=random_inputs(ref, seq=5 + (i * 7) % 26, seed=50 + i, **shapes[i % len(shapes)]),
+                         n=3 + (i * 5) % 18, params=params))
+    return reqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(setup, dtype):
+    """Each request's tokens (greedy and sampled) among 11 others, max_batch 8 and 4-token prefill chunks (so
+    prefill interleaves with decode and batches change size every step), equal its tokens served alone."""
+    ref, ck, model = setup
+    if dtype != torch.float32:
+        model = llama_mm.load_model(ck, dtype=dtype)
+    reqs = mixed_requests(ref)
+    engine = BatchEngine(model, max_batch=8, prefill_chunk=4)
+    try:
+        alone = serve_alone(engine, reqs)
+        together = serve_together(engine, reqs)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for i, (a, t) in enumerate(zip(alone, together)):
+        assert a.finish.reason == t.finish.reason == "length"
+        assert t.tokens == a.tokens, f"request {i} differs among others"
+        assert len(t.tokens) == reqs[i]["n"]
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["requests_finished"] == 24 and stats["tokens_generated"] == 2 * sum(r["n"] for r in reqs)
+
+
+def test_sampling_follows_the_seed(setup):
+    """A sampled request depends on its seed: another seed gives other tokens, the same seed the same ones."""
+    ref, _, model = setup
+    inputs = random_inputs(ref, seq=8, seed=3)
+    engine = BatchEngine(model)
+    try:
+        runs = [submit(engine, dict(inputs=inputs, n=20, params=SamplingParams(do_sample=True, seed=s))).wait().tokens
+                for s in (1, 1, 2)]
+    finally:
+        engine.close()
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stop_ids_end_a_request(setup):
+    ref, _, model = setup
+    inputs = random_inputs(ref, seq=10, seed=4)
+    free = hf_greedy(ref, inputs, 12)
+    stop = free[4]
+    engine = BatchEngine(model)
+    try:
+        got = submit(engine, dict(inputs=inputs, n=12, stop=[stop])).wait()
+    finally:
+        engine.close()
+    first = free.index(stop)
+    assert got.tokens == free[:first + 1] and got.finish.reason == "stop"
+    assert got.finish.completion_tokens == first + 1
+
+
+def test_logprobs_equal_model_log_softmax(setup):
+    """Teacher-forced: the pure-PyTorch model on prompt + generated tokens; log_softmax of its logits at each
+    generating position gives the chosen token's logprob and the top-k."""
+    ref, _, model = setup
+    inputs = random_inputs(ref, seq=9, seed=6, aspect_ratios=((1, 3),))
+    k, n = 4, 6
+    engine = BatchEngine(model, prefill_chunk=5)
+    try:
+        got = submit(engine, dict(inputs=inputs, n=n, logprobs=k,
+                                  params=SamplingParams(do_sample=True, temperature=1.5, seed=3))).wait()
+    finally:
+        engine.close()
+    T = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([got.tokens[:-1]])], 1)
+    xmask = inputs["cross_attention_mask"]
+    full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
+                cross_attention_mask=torch.cat([xmask] + [xmask[:, -1:]] * (n - 1), 1))
+    with torch.no_grad():
+        lp = model(**full).logits[0, T - 1:].float().log_softmax(-1)  # (n, V)
+    for i, e in enumerate(got.events):
+        assert e.logprob == pytest.approx(lp[i, e.token_id].item(), abs=1e-4)
+        vals, top = lp[i].topk(k)
+        assert [t for t, _ in e.top_logprobs] == top.tolist()
+        assert [v for _, v in e.top_logprobs] == pytest.approx(vals.tolist(), abs=1e-4)
+
+
+# ---- the paged KV pool -----------------------------------------------------------------------------------------
+
+
+def block_bytes(model, block_size):
+    """One block across the self-attention layers, K and V (hand-computed from the config)."""
+    t = model.cfg.text
+    self_layers = t.num_hidden_layers - len(t.cross_attention_layers)
+    return self_layers * 2 * t.num_key_value_heads * block_size * (t.hidden_size // t.num_attention_heads) * 4
+
+
+def test_small_pool_queues_and_completes(setup):
+    """A pool of 10 blocks for 8 requests that need 2-4 blocks each: requests wait for blocks, all complete with
+    their tokens alone, the pool is never over-committed and ends empty."""
+    ref, _, model = setup
+    mb = 10 * block_bytes(model, 16) / 2**20
+    reqs = [dict(inputs=random_inputs(ref, seq=10 + i, seed=80 + i, with_image=i % 2 == 0), n=18) for i in range(8)]
+    engine = BatchEngine(model, kv_cache_mb=mb, max_batch=8, prefill_chunk=8)
+    try:
+        assert engine.stats()["kv_blocks_total"] == 10
+        alone = serve_alone(engine, reqs)
+        seen = []
+        collectors = [Collector(engine, on_token=lambda c: seen.append(engine.stats())) for _ in reqs]
+        for r, c in zip(reqs, collectors):
+            submit(engine, r, c)
+        together = [c.wait() for c in collectors]
+        final = engine.stats()
+    finally:
+        engine.close()
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert max(s["waiting"] for s in seen) > 0, "no request ever waited"
+    assert max(s["kv_blocks_used"] for s in seen) <= 10
+    assert max(s["running"] for s in seen) < 8
+    assert final["kv_blocks_used"] == 0
+
+
+def test_request_that_can_never_fit_is_refused(setup):
+    ref, _, model = setup
+    engine = BatchEngine(model, kv_cache_mb=10 * block_bytes(model, 16) / 2**20)
+    inputs = random_inputs(ref, seq=10, with_image=False)
+    try:
+        with pytest.raises(RequestTooLarge, match=r"prompt of 10 tokens \+ max_new_tokens 400 needs 26 KV blocks of "
+                                                  r"16 tokens, more than the whole pool of 10 blocks"):
+            engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=Collector())
+        with pytest.raises(RequestTooLarge, match=r"10 tokens \+ max_new_tokens 600 = 610 exceeds the model context "
+                                                  r"of 512 positions"):
+            engine.submit(inputs, max_new_tokens=600, params=GREEDY, stop_ids=[], on_event=Collector())
+        assert engine.stats()["waiting"] == 0
+        assert submit(engine, dict(inputs=inputs, n=5)).wait().finish.reason == "length"  # still serves
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_blocks_at_once(setup):
+    """Cancelled after its third token, a request's blocks are back in the pool when its FinishEvent arrives."""
+    ref, _, model = setup
+    engine = BatchEngine(model)
+    three = threading.Event()
+    try:
+        c = Collector(engine, on_token=lambda c: len(c.tokens) == 3 and three.set())
+        handle = engine.submit(random_inputs(ref, seq=12, seed=9), max_new_tokens=300, params=GREEDY, stop_ids=[],
+                               on_event=c)
+        assert three.wait(TIMEOUT)
+        assert engine.stats()["kv_blocks_used"] > 0
+        handle.cancel()
+        c.wait()
+        handle.cancel()  # idempotent: no second event (the Collector asserts it)
+        after = submit(engine, dict(inputs=random_inputs(ref, seq=6, with_image=False, seed=2), n=5)).wait()
+    finally:
+        engine.close()
+    assert c.finish.reason == "cancelled" and 3 <= c.finish.completion_tokens < 300
+    assert c.finish.completion_tokens == len(c.tokens)
+    assert c.stats_at_finish["kv_blocks_used"] == 0 and c.stats_at_finish["running"] == 0
+    assert after.finish.reason == "length"  # the engine goes on serving
+
+
+def test_queue_full_and_close_cancels(setup):
+    ref, _, model = setup
+    engine = BatchEngine(model, max_batch=1, max_queue=2)
+    inputs = random_inputs(ref, seq=6, with_image=False)
+    collectors = [Collector() for _ in range(3)]
+    for c in collectors:
+        engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=c)
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=Collector())
+    engine.close(cancel_running=True)
+    assert all(c.wait().finish.reason == "cancelled" for c in collectors)
+    assert engine.stats()["kv_blocks_used"] == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(inputs, max_new_tokens=4, params=GREEDY, stop_ids=[], on_event=Collector())
+
+
+def test_bad_requests_raise_at_submit(setup):
+    ref, _, model = setup
+    engine = BatchEngine(model)
+    inputs = random_inputs(ref, seq=6, with_image=False)
+    kw = dict(max_new_tokens=4, params=GREEDY, stop_ids=[], on_event=Collector())
+    try:
+        with pytest.raises(ValueError, match=r"one prompt per request"):
+            engine.submit(random_inputs(ref, batch=2, seq=6, with_image=False), **kw)
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+            engine.submit(inputs, **dict(kw, max_new_tokens=0))
+        with pytest.raises(ValueError, match="temperature"):
+            engine.submit(inputs, **dict(kw, params=SamplingParams(temperature=-1.0)))
+        with pytest.raises(ValueError, match="logprobs must be an integer >= 0"):
+            engine.submit(inputs, **dict(kw, logprobs=-1))
+        with pytest.raises(ValueError, match="input_ids outside the embedding table"):
+            engine.submit(dict(inputs, input_ids=inputs["input_ids"] + 1000), **kw)
+        with pytest.raises(ValueError, match="max_batch must be <= 64"):
+            BatchEngine(model, max_batch=65)
+        assert engine.stats()["waiting"] == 0
+    finally:
+        engine.close()
+
+
+# ---- the batch-invariant gemv kernel ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("K", [64, 100, 1000])
+def test_gemv_rows_do_not_depend_on_the_batch(dtype, tol, K):
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(64, K, generator=g).to(dtype)
+    w = (torch.randn(37, K, generator=g) / K**0.5).to(dtype)
+    full = torch.ops.llama_mm.gemv(x, w)  # (64, 37)
+    ref = x.double() @ w.double().T
+    assert ((full.double() - ref).abs().max() / ref.abs().max()).item() <= tol
+    for M in (1, 2, 3, 5, 8, 13, 33):
+        assert torch.equal(torch.ops.llama_mm.gemv(x[:M], w), full[:M]), f"M={M}"
+    for b in (0, 17, 63):
+        assert torch.equal(torch.ops.llama_mm.gemv(x[b], w), full[b]), f"row {b} alone"
+    with pytest.raises(RuntimeError, match="at most 64 rows, got 65"):
+        torch.ops.llama_mm.gemv(torch.cat([x, x[:1]]), w)
