@@ -2,6 +2,7 @@
 OpenAI's error JSON (errors.py)."""
 from __future__ import annotations
 
+import re
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -156,11 +157,12 @@ def _error_handlers(app: FastAPI) -> None:
             detail = (err.get("ctx") or {}).get("error", "")
             return APIError(400, f"malformed JSON in the request body: {detail} (at character {err['loc'][-1]})",
                             code="invalid_json").response()
-        loc = [str(x) for x in err["loc"] if x != "body"]
-        param = ".".join(loc) or None
+        errors = exc.errors()
+        deepest = max(errors, key=lambda e: len(e["loc"]))  # the most specific of a union's alternatives
+        param = _field_path(deepest["loc"])
+        msgs = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e["loc"]) == param))
         where = f"{param}: " if param else "request body: "
-        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-        return APIError(400, f"{where}{err['msg']}{more}", param=param, code="invalid_value").response()
+        return APIError(400, where + " or ".join(msgs), param=param, code="invalid_value").response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -170,6 +172,20 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(request, exc: Exception):
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|.*\[.*\])$")  # pydantic's names for a union's alternatives
+
+
+def _field_path(loc) -> str | None:
+    """pydantic's error location -> the request field as a dotted path: messages.0.content.1.image_url.url."""
+    parts = []
+    for x in loc:
+        x = str(x)
+        if x == "body" and not parts or _UNION_MEMBER.match(x) or (parts and parts[-1] == x):
+            continue  # the body itself, a union alternative, a tagged union's tag
+        parts.append(x)
+    return ".".join(parts) or None
 
 
 class BodyLimit:

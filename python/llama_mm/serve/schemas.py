@@ -3,7 +3,7 @@ wrong type becomes a 400 naming the field (app.py). Fields the server does not a
 would change the answer (`tools`, `response_format`, ...); unknown harmless ones (`user`, `metadata`) pass."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,7 +29,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(BaseModel):

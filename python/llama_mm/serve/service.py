@@ -230,5 +230,8 @@ class Service:
             if isinstance(e, (RequestTooLarge, ValueError)):
                 raise bad_request(str(e), code="request_too_large" if isinstance(e, RequestTooLarge) else None) \
                     from None
+            if isinstance(e, RuntimeError):  # the engine is closed: the server is shutting down
+                raise APIError(503, f"the server is not taking requests: {e}", code="unavailable",
+                               headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)}) from None
             raise
         return run
