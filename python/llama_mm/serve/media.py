@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import PIL.Image
+from anyio import to_thread
 
 
 class MediaError(ValueError):
@@ -41,7 +42,7 @@ async def load_image(url: str, limits: MediaLimits, param: str) -> PIL.Image.Ima
     else:
         raise MediaError(f"{param}: unsupported URL scheme {scheme!r} (use data:, http:, https: or, with "
                          "--allowed-media-dir, file:)", param)
-    return decode(data, limits, param)
+    return await to_thread.run_sync(decode, data, limits, param)  # decoding is CPU work: off the event loop
 
 
 def decode(data: bytes, limits: MediaLimits, param: str) -> PIL.Image.Image:

@@ -193,7 +193,7 @@ class Service:
             raise bad_request(f"{param}: {e}", param) from None
         T = int(inputs["input_ids"].shape[1])
         budget = req.token_budget()
-        if budget is None:
+        if budget is None:  # OpenAI's default: up to the context (the engine refuses what its pool can't hold)
             budget = self.context - T
         if T + budget > self.context:
             name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
