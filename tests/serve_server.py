@@ -87,16 +87,16 @@ class ServerThread:
         self.thread.join(30)
 
 
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled metric (or the sum over its labels) in prometheus text."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    if not found:
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples called `name` whose labels include `labels` in prometheus text (0 when none has
+    them; KeyError when the metric is not exported at all)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(text))
+    if not any(name.startswith(f.name) for f in families):  # counters' samples add _total, histograms' _count
         raise KeyError(f"metric {name} not in /metrics")
-    return total
+    samples = [s for f in families for s in f.samples if s.name == name]
+    return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def start_server(model_dir, api_key=None, max_body_bytes=None, **service_kwargs):

@@ -48,13 +48,20 @@ class Choice:
         self.finish: FinishEvent | None = None
         self.last_token_at: float | None = None
 
+    def record(self, ev: TokenEvent | FinishEvent) -> None:
+        """Metrics, in the engine's thread as each event happens (also for a client that has gone away)."""
+        metrics = self.service.metrics
+        if isinstance(ev, FinishEvent):
+            metrics.finished("stop" if ev.reason == "cancelled" and self.stopped_by_string else ev.reason)
+            return
+        now = time.perf_counter()
+        metrics.token_latency(self.started if self.last_token_at is None else self.last_token_at, now,
+                              first=self.last_token_at is None)
+        self.last_token_at = now
+
     def on_token(self, ev: TokenEvent) -> None:
         if self.stopped_by_string or self.finish is not None:
             return  # tokens the engine made before it saw the cancel
-        now = time.perf_counter()
-        self.service.metrics.token_latency(self.started if self.last_token_at is None else self.last_token_at,
-                                           now, first=self.last_token_at is None)
-        self.last_token_at = now
         if ev.token_id in self.service.stop_ids:
             return
         self.ids.append(ev.token_id)
@@ -72,7 +79,6 @@ class Choice:
 
     def on_finish(self, ev: FinishEvent) -> None:
         self.finish = ev
-        self.service.metrics.finished(self.finish_reason)
 
     @property
     def finish_reason(self) -> str | None:
@@ -113,7 +119,10 @@ class Run:
         self.loop = asyncio.get_running_loop()
 
     def listener(self, index: int):
+        choice = self.choices[index]
+
         def on_event(ev):  # engine thread
+            choice.record(ev)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
         return on_event
 
