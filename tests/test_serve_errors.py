@@ -9,6 +9,7 @@ import threading
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 import llama_mm
 from llama_mm.serve.media import MediaLimits
@@ -16,7 +17,7 @@ from serve_server import data_url, png_bytes, random_images, start_server, write
 
 KEY = "sk-test-123"
 IMAGE = random_images([(40, 40)])[0]
-BIG = random_images([(150, 150)], seed=1)[0]  # 22500 pixels: over the pixel limit below
+BIG = Image.new("RGB", (150, 150), (200, 30, 30))  # 22500 pixels (a small PNG): over the pixel limit below
 
 
 @pytest.fixture(scope="module")

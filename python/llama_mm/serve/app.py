@@ -2,6 +2,7 @@
 OpenAI's error JSON (errors.py)."""
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
     async def lifespan(app):
         yield
         service.engine.close(cancel_running=True)  # after uvicorn's graceful shutdown: cancel what is left
+        logging.getLogger("uvicorn.error").info("llama-mm serve: engine closed")
 
     app = FastAPI(title="llama_mm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
