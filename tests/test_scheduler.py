@@ -60,7 +60,11 @@ def submit(engine, req, collector=None):
 
 
 def serve_together(engine, reqs):
-    return [c.wait() for c in [submit(engine, r) for r in reqs]]
+    """All submitted at once; also returns the most requests seen running at one step."""
+    peak = []
+    collectors = [submit(engine, r, Collector(on_token=lambda c: peak.append(engine.stats()["running"])))
+                  for r in reqs]
+    return [c.wait() for c in collectors], max(peak)
 
 
 def serve_alone(engine, reqs):
@@ -128,7 +132,7 @@ def test_batch_invariance(setup, dtype):
     engine = BatchEngine(model, max_batch=8, prefill_chunk=4)
     try:
         alone = serve_alone(engine, reqs)
-        together = serve_together(engine, reqs)
+        together, peak = serve_together(engine, reqs)
         stats = engine.stats()
     finally:
         engine.close()
@@ -136,6 +140,7 @@ def test_batch_invariance(setup, dtype):
         assert a.finish.reason == t.finish.reason == "length"
         assert t.tokens == a.tokens, f"request {i} differs among others"
         assert len(t.tokens) == reqs[i]["n"]
+    assert peak >= 4  # several requests decoded together
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     assert stats["requests_finished"] == 24 and stats["tokens_generated"] == 2 * sum(r["n"] for r in reqs)
 
@@ -273,8 +278,11 @@ def test_queue_full_and_close_cancels(setup):
     ref, _, model = setup
     engine = BatchEngine(model, max_batch=1, max_queue=2)
     inputs = random_inputs(ref, seq=6, with_image=False)
-    collectors = [Collector() for _ in range(3)]
-    for c in collectors:
+    running = threading.Event()
+    collectors = [Collector(on_token=lambda c: running.set())] + [Collector() for _ in range(2)]
+    engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=collectors[0])
+    assert running.wait(TIMEOUT)  # the first runs (max_batch 1): the next two wait
+    for c in collectors[1:]:
         engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=c)
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.submit(inputs, max_new_tokens=400, params=GREEDY, stop_ids=[], on_event=Collector())

@@ -360,5 +360,3 @@ std::vector<BatchEvent> Scheduler::step() {
 }
 
 }  // namespace llama_mm
-
-}  // namespace llama_mm
