@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -59,17 +60,19 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
+        received = time.perf_counter()
         check_model(req.model)
         prepared = await service.prepare_chat(req)
-        run = await service.start([prepared], req.n)
+        run = await service.start([prepared], req.n, received)
         return await _respond(run, Envelope(True, service.model_id), req, [prepared.prompt_tokens],
                               lambda entries, choice: chat_logprobs(entries, text_of))
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
+        received = time.perf_counter()
         check_model(req.model)
         prepared = await service.prepare_completion(req)
-        run = await service.start(prepared, req.n)
+        run = await service.start(prepared, req.n, received)
         offsets = {}
 
         def logprobs(entries, choice):

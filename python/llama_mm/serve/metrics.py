@@ -38,7 +38,7 @@ class Metrics:
     def __init__(self, engine):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "From request start to its first token",
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "From the request's arrival (body parsed) to its first token",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.per_token = Histogram(f"{PREFIX}_time_per_output_token_seconds", "Between consecutive tokens of a request",
                                    buckets=_LATENCY_BUCKETS, registry=self.registry)

@@ -219,10 +219,10 @@ class Service:
         return Prepared(inputs, T, budget, params, req.stop_strings(), req.logprob_count())
 
     # ---- Prepared -> Run -----------------------------------------------------------------------------------
-    async def start(self, prepared: list[Prepared], n: int) -> Run:
-        """Submits n choices per prompt (seeds seed, seed+1, ...); on any refusal cancels what was submitted."""
-        started = time.perf_counter()
-        choices = [Choice(i * n + j, self, p, started) for i, p in enumerate(prepared) for j in range(n)]
+    async def start(self, prepared: list[Prepared], n: int, received: float) -> Run:
+        """Submits n choices per prompt (seeds seed, seed+1, ...); on any refusal cancels what was submitted.
+        received: when the request arrived (time.perf_counter()), where time to first token starts."""
+        choices = [Choice(i * n + j, self, p, received) for i, p in enumerate(prepared) for j in range(n)]
         run = Run(choices)
         try:
             for c in choices:
