@@ -13,7 +13,7 @@ idles then), so all see the same machine load; each measurement is the best of -
 as its own process (`python -m llama_mm.cli serve`): its peak RSS is the server's peak memory. The physical limit
 per batch size B: B / (bytes read per decode step (weights once + B requests' KV) / measured read bandwidth).
 
-    python bench/bench_serve.py [--new-tokens 32] [--repeats 2] [--dtype bfloat16] [--out bench/results/serve_cpu.json]
+    python bench/bench_serve.py [--new-tokens 32] [--repeats 2] [--dtype float32] [--out bench/results/serve_cpu.json]
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--sequential", type=int, default=4, help="requests one after another at concurrency 1")
     ap.add_argument("--hf-batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-mb", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_cpu.json"))
     args = ap.parse_args()
