@@ -190,8 +190,8 @@ def main():
     import llama_mm
     from serve_server import data_url
 
-    load_before = os.getloadavg()
-    results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+    results = {"load_average_1m_before": round(os.getloadavg()[0], 2),
+               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version()},
@@ -214,35 +214,45 @@ def main():
         hf = MllamaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).eval()
         prompt_tokens = gen.processor(images=[[imgs[0]]], text=[gen.processor.apply_chat_template(
             template_msgs[0], add_generation_prompt=True)])["input_ids"].shape[1]
+        vision_tokens = (560 // 14) ** 2 + 1 + 7  # one tile, padded to a multiple of 8
+        weights = decode_bytes(gen.model, 0, 0)
+        per_request = decode_bytes(gen.model, vision_tokens, prompt_tokens + args.new_tokens // 2) - weights
+        bandwidth = results["read_bandwidth"]["best_GBps"] * 1e9
+        results["prompt_tokens"] = int(prompt_tokens)
+        results["bytes_per_decode_step"] = {"weights": weights, "per_request_kv": per_request}
+        results["read_bandwidth_limit_tokens_per_s"] = {
+            f"b{c}": round(c * bandwidth / (weights + c * per_request), 2) for c in args.concurrency}
         server = Server(tmp, args.dtype, max_batch=n_max, kv_cache_mb=args.kv_cache_mb)
+        results["server_command"] = " ".join(server.command)
         runs: dict[str, list] = {}
+
+        def measure(name: str, fn) -> None:
+            """One measurement, then the JSON rewritten with everything so far (a slow machine may not finish)."""
+            runs.setdefault(name, []).append(fn())
+            results["server_peak_rss_GiB"] = server.peak_rss_gib()
+            write(results, runs, args)
+            print(name, round(runs[name][-1]["tokens_per_s"], 3), "tokens/s", flush=True)
+
         try:
             for r in range(args.repeats):
                 for c in args.concurrency:
                     n = args.sequential if c == 1 else c
-                    runs.setdefault(f"server_c{c}", []).append(asyncio.run(server_wave(
-                        server, openai_msgs[:n], args.new_tokens, concurrent=c > 1)))
+                    measure(f"server_c{c}", lambda: asyncio.run(server_wave(server, openai_msgs[:n], args.new_tokens,
+                                                                            concurrent=c > 1)))
                     if c == 1:
-                        runs.setdefault("generator_sequential", []).append(generator_sequential(
+                        measure("generator_sequential", lambda: generator_sequential(
                             gen, template_msgs[:n], imgs[:n], args.new_tokens))
                     if c in args.hf_batches:
-                        runs.setdefault(f"transformers_static_b{c}", []).append(transformers_static(
+                        measure(f"transformers_static_b{c}", lambda: transformers_static(
                             hf, gen, template_msgs[:c], imgs[:c], args.new_tokens))
-                    print(c, {k: round(v[-1]["tokens_per_s"], 2) for k, v in runs.items()}, flush=True)
-            results["server_peak_rss_GiB"] = server.peak_rss_gib()
         finally:
             server.stop()
-        results["server_command"] = " ".join(server.command)
-        vision_tokens = (560 // 14) ** 2 + 1 + 7  # one tile, padded to a multiple of 8
-        weights = decode_bytes(gen.model, 0, 0)
-        per_request = decode_bytes(gen.model, vision_tokens, prompt_tokens + args.new_tokens // 2) - weights
+    print(f"wrote {args.out}")
+
+
+def write(results: dict, runs: dict, args) -> None:
     results["bench_process_peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-    bandwidth = results["read_bandwidth"]["best_GBps"] * 1e9
-    results["prompt_tokens"] = int(prompt_tokens)
-    results["bytes_per_decode_step"] = {"weights": weights, "per_request_kv": per_request}
     results["runs"] = {name: summary(max(rs, key=lambda x: x["tokens_per_s"])) for name, rs in runs.items()}
-    results["read_bandwidth_limit_tokens_per_s"] = {
-        f"b{c}": round(c * bandwidth / (weights + c * per_request), 2) for c in args.concurrency}
     s = results["runs"]
     if "server_c1" in s and "server_c16" in s:
         results["targets"] = {
@@ -250,11 +260,10 @@ def main():
             "c16_over_c1_per_token_p50": round(s["server_c16"]["per_token_s"]["p50"]
                                                / s["server_c1"]["per_token_s"]["p50"], 2),
             "wanted": "tokens/s ratio >= 6, per-token latency ratio <= 2"}
-    results["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    results["load_average_1m_before_now"] = [results["load_average_1m_before"], round(os.getloadavg()[0], 2)]
+    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results["runs"], indent=1))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
