@@ -178,6 +178,34 @@ def cmd_quantize(a) -> int:
     print("files: " + ", ".join(r.files))
     return 0
 
+def cmd_serve(a) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(a)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import MAX_BODY_BYTES
+    from .serve.media import MediaLimits
+
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the text weights on load")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache pool (self- and cross-attention)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--allowed-media-dir", default=None, help="folder image_url file: paths may be read from")
+    p.add_argument("--max-image-bytes", type=int, default=MediaLimits.max_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=MediaLimits.max_pixels)
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish on SIGTERM before they are cancelled")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llama-mm", description="Run Llama 3.2 Vision (Mllama) checkpoints.")
@@ -213,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--asymmetric", action="store_true", help="add a zero point per group")
     q.add_argument("--channel", action="store_true", help="one scale per output row instead of groups")
     q.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    _serve_args(s)
+    s.set_defaults(func=cmd_serve)
 
     f = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL file of images and chats",
                        description="LoRA fine-tuning on image + chat JSONL data")
