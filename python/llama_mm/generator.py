@@ -34,12 +34,16 @@ class Generator:
     progress: show a progress bar while the weights load.
     adapter: a LoRA adapter directory (PEFT format) to run with; merge_adapter=True folds it into the weights
     (fastest), False keeps it separate (the engine adds its low-rank update to each adapted projection).
+    quantize: "int8" / "int4" quantizes the text decoder's linear weights on load (group_size inputs per scale;
+    quantize_lm_head=True quantizes lm_head too); see `load_model`. A quantized base runs adapters unmerged only.
     """
 
     def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False,
-                 adapter: str | Path | None = None, merge_adapter: bool = True):
+                 adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = None,
+                 group_size: int | None = 128, quantize_lm_head: bool = False):
         self.init_text_side(model_dir)
-        self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress)
+        self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress, quantize=quantize,
+                                group_size=group_size, quantize_lm_head=quantize_lm_head)
         if adapter is not None:
             from .lora import load_adapter, merge_lora
 
