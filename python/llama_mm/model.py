@@ -195,7 +195,8 @@ def quantize_on_load(model: MllamaModel, tensors: dict[str, torch.Tensor], schem
         bad = [f"{n}.weight (in_features {tensors[n + '.weight'].shape[-1]})" for n in names
                if tensors[n + ".weight"].shape[-1] % scheme.group_size]
         if bad:
-            raise ValueError(f"{source}: group_size {scheme.group_size} does not divide the input size of {bad}")
+            raise ValueError(f"{source}: group_size {scheme.group_size} does not divide the input size of {len(bad)} "
+                             f"weight(s): {bad[:3]}{' ...' if len(bad) > 3 else ''}")
     if progress:
         from tqdm import tqdm
 
