@@ -12,11 +12,9 @@ import torch
 from torch import nn
 
 import llama_mm
-from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
+from llama_mm import _C, cli  # the extension must be built: CI builds it, so a missing module fails here
 from llama_mm.engine import Engine, engine_weights, request_tensors
-from llama_mm.quant.checkpoint import write_quantized_checkpoint
 from llama_mm.quant.layers import QuantLinear
-from llama_mm.quant.scheme import QuantScheme
 from checkpoints import build_reference, random_inputs, write_checkpoint
 from quant_checkpoints import load_ct_reference, write_ct_checkpoint
 from test_engine import hf_greedy, teacher_forced
@@ -126,12 +124,29 @@ def test_generator_on_quantized_checkpoint_matches_transformers(ref, tmp_path):
     assert torch.equal(ours[:, :theirs.shape[1]], theirs)
 
 
+def test_cli_quantize_options(ref, dense_dir, tmp_path, capsys):
+    """`llama-mm generate --quantize int8 --group-size 32`: the same text as Generator(quantize="int8",
+    group_size=32); --quantize on an already quantized checkpoint is reported naming both."""
+    write_tokenizer_files(dense_dir, vocab_size=TEXT["vocab_size"])
+    args = ["generate", "--model", str(dense_dir), "--prompt", "A picture of", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert cli.main(args + ["--quantize", "int8", "--group-size", "32"]) == 0
+    gen = llama_mm.Generator(dense_dir, quantize="int8", group_size=32)
+    assert capsys.readouterr().out.strip() == gen.generate_text("A picture of", None, max_new_tokens=8,
+                                                                temperature=0).strip()
+    qdir = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(dense_dir), "--out", str(qdir), "--bits", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(qdir), "--prompt", "x", "--quantize", "int4"]) == 2
+    assert "quantize='int4' asked for" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("quantize,group", [("int4", 32), ("int8", 128)])
 def test_quantize_on_load_equals_quantized_checkpoint(dense_dir, tmp_path, quantize, group):
-    """load_model(dense, quantize=...) holds bit for bit the tensors of the checkpoint `llama-mm quantize` writes
-    (quant.checkpoint.write_quantized_checkpoint)."""
+    """load_model(dense, quantize=...) holds bit for bit the tensors of the checkpoint `llama-mm quantize` writes."""
     out = tmp_path / "q"
-    write_quantized_checkpoint(dense_dir, out, QuantScheme(bits=int(quantize[3:]), group_size=group))
+    assert cli.main(["quantize", "--model", str(dense_dir), "--out", str(out), "--bits", quantize[3:],
+                     "--group-size", str(group)]) == 0
     on_load = llama_mm.load_model(dense_dir, quantize=quantize, group_size=group)
     from_file = llama_mm.load_model(out)
     ours, theirs = on_load.state_dict(), from_file.state_dict()
