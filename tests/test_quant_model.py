@@ -231,3 +231,31 @@ def test_engine_rejects_bad_quantized_tensors(build_case):
         build(**{module + ".weight_scale": None})
     with pytest.raises(ValueError, match=f"{module}.weight_scale must be"):
         build(**{module + ".weight_scale": model.get_submodule(module).weight_scale[:, :3]})
+
+
+def test_lora_gradients_on_quantized_base(build_case, ref):
+    """QLoRA-style training: the adapter's gradients through a quantized base equal those through a dense model
+    holding the dequantized weights."""
+    from llama_mm.lora import apply_lora, lora_layers
+
+    qdir = build_case("w4-g32-sym")[0]
+    models = [llama_mm.load_model(qdir), llama_mm.load_model(qdir)]
+    for name, layer in quant_layers(models[1]).items():  # the second one: dense, dequantized weights
+        parent, _, leaf = name.rpartition(".")
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        linear.weight = nn.Parameter(layer.dequantize(), requires_grad=False)
+        setattr(models[1].get_submodule(parent), leaf, linear)
+    inputs = random_inputs(ref, seq=9, aspect_ratios=((1, 2),), seed=9)
+    grads = []
+    for model in models:
+        torch.manual_seed(0)  # the same A initialisation in both
+        apply_lora(model, r=4, alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape,
+                                                      generator=torch.Generator().manual_seed(1)) * 0.1)
+        model(**inputs).logits.float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * ref.config.text_config.num_hidden_layers
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5 * grads[1][n].abs().max().item())
