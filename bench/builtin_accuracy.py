@@ -5,7 +5,11 @@ asks `llama_mm.Generator().chat(...)` (the built-in model, greedy) to describe e
 `demo.caption(spec)`. Baseline in the same run: the same requests with a blank white image (what the model says
 without seeing the shapes), which shows the answers come from the image.
 
-    PYTHONPATH=python python bench/builtin_accuracy.py [--n 200] [--out bench/results/builtin_accuracy.json]
+With --quantize int8|int4 the built-in model's text decoder is quantized on load (`Generator(quantize=...,
+group_size=...)`); the unquantized model's accuracy on the same images is measured in the same run for comparison,
+and the result goes to bench/results/builtin_accuracy_<quantize>.json.
+
+    PYTHONPATH=python python bench/builtin_accuracy.py [--n 200] [--quantize int8|int4 [--group-size 128]]
 """
 import argparse
 import json
@@ -40,17 +44,27 @@ def describe(gen: Generator, image) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "builtin_accuracy.json"))
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--out", default=None, help="default: bench/results/builtin_accuracy[_<quantize>].json")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" /
+                               f"builtin_accuracy{'_' + args.quantize if args.quantize else ''}.json")
 
-    gen = Generator()
+    gen = Generator(quantize=args.quantize, group_size=args.group_size)
     seeds = range(SEED0, SEED0 + args.n)
     specs = [demo.random_spec(random.Random(s)) for s in seeds]
+    truths = [demo.caption(spec) for spec in specs]
     start = time.perf_counter()
     answers = [describe(gen, demo.draw(spec)) for spec in specs]
     seconds = time.perf_counter() - start
-    truths = [demo.caption(spec) for spec in specs]
     correct = sum(a == t for a, t in zip(answers, truths))
+    unquantized = None
+    if args.quantize:
+        dense = Generator()
+        dense_answers = [describe(dense, demo.draw(spec)) for spec in specs]
+        unquantized = {"accuracy": sum(a == t for a, t in zip(dense_answers, truths)) / args.n,
+                       "same_answer_as_quantized": sum(a == b for a, b in zip(answers, dense_answers)) / args.n}
 
     blank = Image.new("RGB", (demo.IMAGE_SIZE, demo.IMAGE_SIZE), demo.BACKGROUND)
     blank_answer = describe(gen, blank)
@@ -58,18 +72,22 @@ def main() -> None:
 
     result = {
         "task": "exact-caption accuracy of the built-in model (llama_mm.Generator() with no directory), greedy",
+        "quantize": args.quantize and {"weights": args.quantize, "group_size": args.group_size,
+                                       "scope": "text decoder linears (lm_head, vision, embeddings unquantized)"},
         "images": args.n,
         "seeds": [seeds.start, seeds.stop - 1],
         "prompt": demo.PROMPT,
         "accuracy": correct / args.n,
         "correct": correct,
         "baseline_blank_image": {"answer": blank_answer, "accuracy": blank_correct / args.n},
+        "unquantized_same_run": unquantized,
         "wrong": [{"seed": s, "truth": t, "answer": a} for s, t, a in zip(seeds, truths, answers) if a != t],
         "seconds": round(seconds, 2),
         "model": json.loads((demo.BUILTIN_DIR / "config.json").read_text()),
         "command": "PYTHONPATH=python python " + " ".join([f"bench/{Path(__file__).name}"] + sys.argv[1:]),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
     }
     print(f"exact-caption accuracy: {correct}/{args.n} = {correct / args.n:.1%} "
           f"(blank-image baseline {blank_correct / args.n:.1%}: {blank_answer!r}); {seconds:.1f} s")

@@ -41,6 +41,13 @@ inline at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, cons
                                 const std::optional<at::Tensor>&)>("llama_mm::cross_attention");
   return h.call(q, k, v, mask);
 }
+// Weight-only quantized projection (python/llama_mm/quant/layers.py's layout): x [..., K] -> [..., N] in x's dtype.
+inline at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& zero, int64_t bits, int64_t group_size) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, int64_t, int64_t)>("llama_mm::qlinear");
+  return h.call(x, packed, scale, zero.defined() ? std::optional<at::Tensor>(zero) : std::nullopt, bits, group_size);
+}
 
 inline at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& lengths) {

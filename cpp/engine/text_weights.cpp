@@ -17,9 +17,12 @@ TextWeights::TextWeights(const WeightMap& w, EngineConfig config, at::Tensor inv
   const std::string p = "language_model.model.";
   embed = get_weight(w, p + "embed_tokens.weight");
   final_norm = get_weight(w, p + "norm.weight");
-  lm_head = get_weight(w, "language_model.lm_head.weight");
-  TORCH_CHECK_VALUE(embed.dim() == 2 && embed.size(1) == cfg.hidden_size && lm_head.size(0) == cfg.vocab_size,
-                    "Engine: embedding ", embed.sizes(), " or lm_head ", lm_head.sizes(), " disagree with the config");
+  lm_head = Linear::load(w, "language_model.lm_head");
+  TORCH_CHECK_VALUE(embed.dim() == 2 && embed.size(1) == cfg.hidden_size && lm_head.out_features() == cfg.vocab_size &&
+                        lm_head.in_features() == cfg.hidden_size,
+                    "Engine: embedding ", embed.sizes(), " or lm_head [", lm_head.out_features(), ", ",
+                    lm_head.in_features(), "] disagree with the config");
+  lm_head.check(embed.device(), embed.scalar_type(), "lm_head");
   TORCH_CHECK_VALUE(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == cfg.head_dim() / 2,
                     "Engine: inv_freq must be float32 [head_dim / 2]");
   inv_freq = inv_freq.to(embed.device());
@@ -65,7 +68,7 @@ std::pair<at::Tensor, at::Tensor> TextWeights::cross_kv(const Layer& l, const at
 }
 
 at::Tensor TextWeights::logits(const at::Tensor& x) const {
-  return dispatch::matmul_t(dispatch::rms_norm(x, final_norm, cfg.rms_norm_eps), lm_head);
+  return lm_head(dispatch::rms_norm(x, final_norm, cfg.rms_norm_eps));
 }
 
 }  // namespace llama_mm

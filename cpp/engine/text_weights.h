@@ -34,7 +34,8 @@ struct TextWeights {
 
   EngineConfig cfg;
   std::vector<Layer> layers;
-  at::Tensor embed, final_norm, lm_head, inv_freq;
+  at::Tensor embed, final_norm, inv_freq;
+  Linear lm_head;  // dense, or quantized (load_model's quantize_lm_head)
 
   c10::Device device() const { return embed.device(); }
   at::ScalarType dtype() const { return embed.scalar_type(); }

@@ -17,6 +17,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the text decoder's linear weights on load (weight-only, symmetric)")
+    p.add_argument("--group-size", type=int, default=128, help="inputs per quantization scale (default 128)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: quantize lm_head too")
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +49,8 @@ def _load_generator(a):
 
     t = time.perf_counter()
     gen = Generator(a.model, device=a.device, dtype=a.dtype, progress=True, adapter=getattr(a, "adapter", None),
-                    merge_adapter=getattr(a, "merge_adapter", False))
+                    merge_adapter=getattr(a, "merge_adapter", False), quantize=a.quantize, group_size=a.group_size,
+                    quantize_lm_head=a.quantize_lm_head)
     return gen, time.perf_counter() - t
 
 

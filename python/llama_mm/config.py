@@ -10,8 +10,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .quant.scheme import QuantScheme
 
 
 class ConfigError(ValueError):
@@ -116,6 +120,10 @@ class MllamaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_index: int = 128256
     dtype: torch.dtype | None = None  # the dtype the checkpoint was saved in, when config.json says
+    # A compressed-tensors checkpoint's `quantization_config`, parsed (quant/scheme.py): its scheme and the names
+    # in its `ignore` list. None for a dense checkpoint.
+    quant_scheme: QuantScheme | None = None
+    quant_ignore: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "MllamaConfig":
@@ -147,7 +155,13 @@ class MllamaConfig:
             )
         dtype_name = raw.get("dtype", raw.get("torch_dtype", text_raw.get("dtype", text_raw.get("torch_dtype"))))
         dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        return cls(text=text, vision=vision, image_token_index=image_token_index, dtype=dtype)
+        scheme, ignore = None, ()
+        if raw.get("quantization_config") is not None:
+            from .quant.scheme import parse_quantization_config
+
+            scheme, ignore = parse_quantization_config(raw["quantization_config"], f"{source}: quantization_config")
+        return cls(text=text, vision=vision, image_token_index=image_token_index, dtype=dtype, quant_scheme=scheme,
+                   quant_ignore=tuple(ignore))
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

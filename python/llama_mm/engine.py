@@ -64,11 +64,21 @@ def request_tensors(model: MllamaModel, inputs: dict, image_cache: ImageCache | 
 
 def engine_weights(model: MllamaModel) -> dict[str, torch.Tensor]:
     """The text stack's tensors by canonical name (shared, not copied), plus each unmerged LoRA adapter's A and
-    B * scaling (`<module>.lora_A.weight`, `<module>.lora_B.weight`); merged adapters are already in the weights."""
+    B * scaling (`<module>.lora_A.weight`, `<module>.lora_B.weight`); merged adapters are already in the weights.
+    A quantized module P (quant.layers.QuantLinear) gives `P.weight_packed`, `P.weight_scale`, `P.weight_zero`
+    (asymmetric only) and `P.weight_shape` int64 [2] = (out, in) in place of `P.weight`."""
     from .lora import lora_layers
+    from .quant.layers import QuantLinear
 
     weights = {n: p.detach() for n, p in model.named_parameters()
                if n.startswith("language_model.") and ".lora_" not in n}
+    for name, layer in model.named_modules():
+        if name.startswith("language_model.") and isinstance(layer, QuantLinear):
+            weights[name + ".weight_packed"] = layer.weight_packed
+            weights[name + ".weight_scale"] = layer.weight_scale
+            if layer.weight_zero is not None:
+                weights[name + ".weight_zero"] = layer.weight_zero
+            weights[name + ".weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
     for name, layer in lora_layers(model).items():
         if name.startswith("language_model.") and not layer.merged:
             weights[name + ".lora_A.weight"] = layer.lora_A.weight.detach()

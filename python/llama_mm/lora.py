@@ -6,6 +6,9 @@ base parameter names, and the tensors the native engine reads, do not change) an
 
     y = x @ W^T + b + (dropout(x) @ A^T @ B^T) * scaling,    scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
+A quantized base (quant.layers.QuantLinear) gets a `QuantLoraLinear` the same way (same quantized buffers); its
+adapter runs unmerged only (merging would need requantizing).
+
 Module selection follows PEFT exactly, applied to transformers' in-memory module names (`model.language_model...`,
 `model.vision_model...`, `model.multi_modal_projector`, `lm_head`), so an `adapter_config.json` selects the same
 modules here as on transformers' `MllamaForConditionalGeneration`: a list matches a module whose name equals an entry
@@ -25,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant.layers import QuantLinear
 from .weights import CheckpointError, canonical_name, mismatch_report, read_safetensors, transformers_name
+
+_LINEAR = (nn.Linear, QuantLinear)  # what LoRA wraps: dense or quantized Linear layers
 
 # PEFT's names: text self- and cross-attention and MLP, vision attention and MLP, the projector.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,18 +57,14 @@ class LoraSettings:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class LoraLinear(nn.Linear):
-    """An `nn.Linear` (same `weight` and `bias` objects as the one it replaces) plus a trainable low-rank update."""
+class LoraLayer(nn.Module):
+    """The low-rank update shared by LoraLinear (dense base) and QuantLoraLinear (quantized base): `lora_A` [r, in],
+    `lora_B` [out, r], float32 whatever the base dtype (as PEFT's autocast_adapter_dtype does: they are the trained
+    master copy)."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        dev = base.weight.device
-        # Adapter weights stay float32 whatever the base dtype (as PEFT's autocast_adapter_dtype does): they are the
-        # trained master copy.
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+    def init_lora(self, r: int, scaling: float, dropout: float, device) -> None:
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scaling, self.merged = r, scaling, False
         self.reset_lora_parameters()
@@ -76,8 +78,8 @@ class LoraLinear(nn.Linear):
         """B @ A * scaling [out, in], float32."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+    def add_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The base layer's output `out` for input `x`, plus the (unmerged) adapter's update."""
         if self.merged:
             return out
         h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
@@ -85,6 +87,36 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoraLinear(LoraLayer, nn.Linear):
+    """An `nn.Linear` (same `weight` and `bias` objects as the one it replaces) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.init_lora(r, scaling, dropout, base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_update(x, F.linear(x, self.weight, self.bias))
+
+
+class QuantLoraLinear(LoraLayer, QuantLinear):
+    """A `QuantLinear` (same quantized buffers and bias as the one it replaces) plus a low-rank update. Never merged:
+    folding the update into the quantized weight would need requantizing it."""
+
+    def __init__(self, base: QuantLinear, r: int, scaling: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.bits, self.group_size = base.bits, base.group_size
+        for name in ("weight_packed", "weight_scale", "weight_zero"):
+            self.register_buffer(name, getattr(base, name))
+        self.bias = base.bias
+        self.init_lora(r, scaling, dropout, base.weight_packed.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_update(x, QuantLinear.forward(self, x))
 
 
 def _peft_module_name(name: str) -> str:
@@ -122,13 +154,13 @@ def select_modules(model: nn.Module, target_modules) -> list[str]:
         if not name or ".lora_" in name:
             continue
         if all_linear:
-            if isinstance(module, nn.Linear) and name != "language_model.lm_head":
+            if isinstance(module, _LINEAR) and name != "language_model.lm_head":
                 names.append(name)
         elif _matches(target_modules, _peft_module_name(name)):
-            (names if isinstance(module, nn.Linear) else not_linear).append(name)
+            (names if isinstance(module, _LINEAR) else not_linear).append(name)
     if not_linear:
         raise ValueError(f"target_modules {target_modules!r} selects modules that are not Linear layers "
-                         f"(LoRA wraps only nn.Linear): {not_linear[:8]}{' ...' if len(not_linear) > 8 else ''}")
+                         f"(LoRA wraps only nn.Linear and QuantLinear): {not_linear[:8]}{' ...' if len(not_linear) > 8 else ''}")
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matches no module of the model (PEFT names are "
                          f"matched, e.g. 'q_proj', 'fc1', 'multi_modal_projector', or a regex over "
@@ -136,9 +168,9 @@ def select_modules(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Our module name -> LoraLinear, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Our module name -> LoraLinear / QuantLoraLinear, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -160,7 +192,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoraLinear(getattr(parent, leaf), r, settings.scaling, settings.dropout))
+        base = getattr(parent, leaf)
+        wrapper = QuantLoraLinear if isinstance(base, QuantLinear) else LoraLinear
+        setattr(parent, leaf, wrapper(base, r, settings.scaling, settings.dropout))
     model.lora_settings = settings
     return model
 
@@ -172,6 +206,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Memory-mapped weights (`load_model` on the CPU) are copy-on-write maps: writing to them changes this process's
     pages only, never the checkpoint file."""
     layers = _layers_or_error(model)
+    quantized = [name for name, layer in layers.items() if isinstance(layer, QuantLoraLinear)]
+    if quantized:
+        raise ValueError(f"cannot merge the LoRA adapter into quantized base layers ({quantized[:3]}"
+                         f"{' ...' if len(quantized) > 3 else ''}): the merged weight would have to be requantized. "
+                         f"Run the adapter unmerged (Generator(..., merge_adapter=False)), or load the model "
+                         f"unquantized to merge")
     for layer in layers.values():
         if not layer.merged:
             layer.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
@@ -189,7 +229,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _layers_or_error(model) -> dict[str, LoraLinear]:
+def _layers_or_error(model) -> dict[str, LoraLayer]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers (call apply_lora or load_adapter first)")
@@ -332,7 +372,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
-def _check_same_adapter(model, layers: dict[str, LoraLinear], settings: LoraSettings, directory: Path) -> None:
+def _check_same_adapter(model, layers: dict[str, LoraLayer], settings: LoraSettings, directory: Path) -> None:
     have: LoraSettings = model.lora_settings
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model's LoRA layers are merged; unmerge_lora before loading other adapter weights")

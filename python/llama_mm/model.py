@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from .config import MllamaConfig
+from .quant.checkpoint import split_quantized
+from .quant.layers import install_quantized, text_linear_names
+from .quant.rtn import QuantizedWeight, quantize_weight
+from .quant.scheme import QuantScheme
 from .text import CrossAttentionLayer, LanguageModel
 from .vision import VisionModel
-from .weights import assign_weights, load_checkpoint
+from .weights import assign_weights, load_checkpoint, release_pages
 
 
 @dataclass
@@ -61,12 +65,12 @@ class MllamaModel(nn.Module):
         self.language_model = LanguageModel(cfg.text)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # the embedding's: lm_head may be quantized
+        return self.language_model.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.embed_tokens.weight.device
 
     def vision_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
         """Projected image features [B, N * tiles * num_patches, text hidden]: what cross-attention reads."""
@@ -129,18 +133,78 @@ def resolve_dtype(dtype, default: torch.dtype | None) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r} (use one of auto, float32, bfloat16, float16)")
 
 
-def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = False) -> MllamaModel:
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+
+
+def quantize_scheme(quantize: str | None, group_size: int | None) -> QuantScheme | None:
+    """`load_model`'s quantize/group_size arguments -> a symmetric scheme (None: no quantization)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_BITS:
+        raise ValueError(f"quantize={quantize!r} is not supported (use one of {sorted(QUANTIZE_BITS)} or None)")
+    return QuantScheme(bits=QUANTIZE_BITS[quantize], group_size=group_size, symmetric=True)
+
+
+def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = False, quantize: str | None = None,
+               group_size: int | None = 128, quantize_lm_head: bool = False) -> MllamaModel:
     """Load a Hugging Face Mllama checkpoint directory (config.json + safetensors) as an `MllamaModel`.
 
     dtype: None/"auto" keeps the checkpoint's dtype (config.json's `dtype`/`torch_dtype`, else float32).
     The model is built on the meta device and its parameters assigned from memory-mapped tensors: no weight is
-    held twice. Parameters are frozen (requires_grad=False); training unfreezes what it trains. Raises `ConfigError` / `CheckpointError` naming the field, file or tensors at fault."""
+    held twice. Parameters are frozen (requires_grad=False); training unfreezes what it trains. Raises `ConfigError` / `CheckpointError` naming the field, file or tensors at fault.
+
+    quantize: "int8" / "int4" quantizes every text-decoder Linear on load (symmetric round-to-nearest, one scale
+    per `group_size` inputs, None = one per row; lm_head too with quantize_lm_head), tensor by tensor from the
+    memory-mapped checkpoint, each source tensor's pages dropped once quantized. A compressed-tensors checkpoint
+    (config.json with a `quantization_config`) loads its quantized layers as they are; quantize= is then an error.
+    Quantized layers are `quant.layers.QuantLinear`; everything else stays in `dtype`."""
     cfg = MllamaConfig.from_pretrained(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg.dtype)
+    scheme = quantize_scheme(quantize, group_size)
+    source = str(model_dir)
+    if scheme is not None and cfg.quant_scheme is not None:
+        raise ValueError(f"quantize={quantize!r} asked for {source}, which is already quantized "
+                         f"(config.json quantization_config: {cfg.quant_scheme}); load it without quantize=")
+    if quantize_lm_head and scheme is None:
+        raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
     tensors = load_checkpoint(model_dir)
     with torch.device("meta"):
         model = MllamaModel(cfg)
-    assign_weights(model, tensors, dev, dt, source=str(model_dir), progress=progress)
+    if cfg.quant_scheme is not None:
+        quantized, tensors = split_quantized(tensors, cfg.quant_scheme, cfg.quant_ignore, source)
+    elif scheme is not None:
+        quantized = quantize_on_load(model, tensors, scheme, quantize_lm_head, source, progress)
+    else:
+        quantized = {}
+    install_quantized(model, quantized, dev, dt, source)
+    assign_weights(model, tensors, dev, dt, source=source, progress=progress)
     model.language_model.model.inv_freq = cfg.text.rope.inv_freq(cfg.text.head_dim).to(dev)
     return model.requires_grad_(False).eval()
+
+
+def quantize_on_load(model: MllamaModel, tensors: dict[str, torch.Tensor], scheme: QuantScheme, lm_head: bool,
+                     source: str, progress: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize the text decoder's Linear weights (and lm_head's when asked), popping each from `tensors` and
+    dropping its source pages as soon as it is quantized: the full-precision text stack is never held. A weight the
+    checkpoint lacks stays in the model for `assign_weights` to report."""
+    names = [n for n in text_linear_names(model, lm_head) if n + ".weight" in tensors]
+    bad = []
+    for n in names:
+        try:
+            scheme.validate(tensors[n + ".weight"].shape[-1], n + ".weight")
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError(f"{source}: cannot quantize {len(bad)} weight(s) with {scheme}: {bad[0]}"
+                         f"{' (and more)' if len(bad) > 1 else ''}")
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc=f"quantizing to int{scheme.bits}", leave=False)
+    quantized = {}
+    for name in names:
+        weight = tensors.pop(name + ".weight")
+        quantized[name] = quantize_weight(weight, scheme, name + ".weight")
+        release_pages(weight)
+    return quantized

@@ -11,6 +11,7 @@ import json
 import mmap
 import re
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ _ST_DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The live memory maps read_safetensors made: map -> (first byte's address, length), for `release_pages`.
+_MAPS: "weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]]" = weakref.WeakKeyDictionary()
 
 # The one name map. Canonical names are the on-disk form the Hub's checkpoints use
 # (`language_model.model.*`, `language_model.lm_head.weight`, `vision_model.*`, `multi_modal_projector.*`), which is
@@ -131,6 +134,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if not specs:
             return {}
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    _MAPS[buf] = (torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr(), size)
     tensors = {}
     for name, (dtype, shape, begin) in specs.items():
         numel = _numel(shape)
@@ -142,6 +146,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raw = torch.frombuffer(buf, dtype=torch.uint8, count=numel * dtype.itemsize, offset=data_start + begin)
             tensors[name] = raw.clone().view(dtype).view(shape)
     return tensors
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped checkpoint tensor that is no longer needed (the whole pages it
+    alone covers), so reading a large checkpoint tensor by tensor (quantize on load) does not keep every page it
+    read resident while the shard's map lives on for its other tensors. The file is untouched: the pages are read
+    again from it if the tensor is used after all. Tensors not from `read_safetensors`' maps are left alone."""
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    for buf, (base, length) in list(_MAPS.items()):
+        if base <= start and end <= base + length:
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned, inside the tensor
+            last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
 
 
 def _numel(shape) -> int:
@@ -182,7 +201,8 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], de
                    progress: bool = False):
     """Strictly assign `tensors` (canonical names) to `module`'s parameters, cast to `dtype` on `device`.
 
-    Raises `CheckpointError` listing every missing, unexpected and wrongly shaped tensor at once.
+    Raises `CheckpointError` listing every missing, unexpected and wrongly shaped tensor at once. Modules that hold
+    no `.weight` parameter (quantized layers, installed before) are accounted for by whoever installed them.
     """
     expected = {name: p for name, p in module.named_parameters()}
     missing = sorted(set(expected) - set(tensors))
@@ -209,4 +229,6 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], de
             bar.update(t.numel() * t.element_size())
     if bar is not None:
         bar.close()
-    module.load_state_dict(state, strict=True, assign=True)
+    # Every parameter is accounted for above; buffers (a quantized layer's) are already in place.
+    result = module.load_state_dict(state, strict=False, assign=True)
+    assert not result.unexpected_keys and not set(result.missing_keys) & set(expected), result
