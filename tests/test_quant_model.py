@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 import llama_mm
-from llama_mm import _C, cli  # the extension must be built: CI builds it, so a missing module fails here
+from llama_mm import _C  # the extension must be built: CI builds it, so a missing module fails here
 from llama_mm.engine import Engine, engine_weights, request_tensors
+from llama_mm.quant.checkpoint import write_quantized_checkpoint
 from llama_mm.quant.layers import QuantLinear
+from llama_mm.quant.scheme import QuantScheme
 from checkpoints import build_reference, random_inputs, write_checkpoint
-from quant_checkpoints import write_ct_checkpoint
+from quant_checkpoints import load_ct_reference, write_ct_checkpoint
 from test_engine import hf_greedy, teacher_forced
 from tokenizer_fixture import write_tokenizer_files
 
@@ -24,13 +26,13 @@ from tokenizer_fixture import write_tokenizer_files
 TEXT = dict(hidden_size=128, intermediate_size=256, vocab_size=1000)
 N_TOKENS = 32
 
-# (bits, group_size, symmetric, in_memory_names): each of int4/int8, symmetric/asymmetric, group 32/128 and both key
+# (bits, group_size, symmetric, key naming): each of int4/int8, symmetric/asymmetric, group 32/128 and both key
 # namings appears at least once
 CASES = {
-    "w4-g32-sym": (4, 32, True, False),
-    "w4-g128-asym-in-memory-names": (4, 128, False, True),
-    "w8-g128-sym-in-memory-names": (8, 128, True, True),
-    "w8-g32-asym": (8, 32, False, False),
+    "w4-g32-sym": (4, 32, True, "disk"),
+    "w4-g128-asym-in-memory-names": (4, 128, False, "memory"),
+    "w8-g128-sym-in-memory-names": (8, 128, True, "memory"),
+    "w8-g32-asym": (8, 32, False, "disk"),
 }
 
 
@@ -48,20 +50,14 @@ def dense_dir(ref, tmp_path_factory):
 def build_case(ref, tmp_path_factory):
     """name -> (compressed-tensors checkpoint dir, transformers' dequantized reference model, our model, our
     engine), each built once."""
-    from transformers import MllamaForConditionalGeneration
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
     built = {}
 
     def build(name):
         if name not in built:
-            bits, group, symmetric, in_memory = CASES[name]
-            qdir = tmp_path_factory.mktemp(name)
-            write_ct_checkpoint(ref, qdir, bits=bits, group_size=group, symmetric=symmetric,
-                                in_memory_names=in_memory)
-            oracle = MllamaForConditionalGeneration.from_pretrained(
-                qdir, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32,
-                attn_implementation="sdpa").eval()
+            bits, group, symmetric, naming = CASES[name]
+            qdir = write_ct_checkpoint(ref, tmp_path_factory.mktemp(name), bits=bits, group_size=group,
+                                       symmetric=symmetric, key_naming=naming)
+            oracle = load_ct_reference(qdir)
             model = llama_mm.load_model(qdir)
             built[name] = (qdir, oracle, model, Engine(model))
         return built[name]
@@ -110,20 +106,18 @@ def test_greedy_generation_identical_to_transformers(case, ref):
 def test_generator_on_quantized_checkpoint_matches_transformers(ref, tmp_path):
     """Generator (processor + engine) on a compressed-tensors directory against transformers' processor + generate
     on the same directory."""
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
-    from transformers.utils.quantization_config import CompressedTensorsConfig
+    from transformers import AutoProcessor
     from PIL import Image
 
     write_tokenizer_files(tmp_path, vocab_size=TEXT["vocab_size"])
-    write_ct_checkpoint(ref, tmp_path, bits=4, group_size=32, symmetric=False, in_memory_names=False)
+    write_ct_checkpoint(ref, tmp_path, bits=4, group_size=32, symmetric=False)
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
     pre["size"] = {"height": 28, "width": 28}  # the tiny vision tower's tile
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     image = Image.fromarray((torch.rand(40, 90, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
     gen = llama_mm.Generator(tmp_path)
     ours = gen.generate_ids(gen.request_inputs("A picture of", [image]), N_TOKENS, temperature=0)
-    oracle = MllamaForConditionalGeneration.from_pretrained(
-        tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
+    oracle = load_ct_reference(tmp_path)
     proc = AutoProcessor.from_pretrained(tmp_path)
     inputs = proc(images=[[image]], text=["<|image|>A picture of"], return_tensors="pt")
     with torch.no_grad():
@@ -134,10 +128,10 @@ def test_generator_on_quantized_checkpoint_matches_transformers(ref, tmp_path):
 
 @pytest.mark.parametrize("quantize,group", [("int4", 32), ("int8", 128)])
 def test_quantize_on_load_equals_quantized_checkpoint(dense_dir, tmp_path, quantize, group):
-    """load_model(dense, quantize=...) holds bit for bit the tensors of the checkpoint `llama-mm quantize` writes."""
+    """load_model(dense, quantize=...) holds bit for bit the tensors of the checkpoint `llama-mm quantize` writes
+    (quant.checkpoint.write_quantized_checkpoint)."""
     out = tmp_path / "q"
-    assert cli.main(["quantize", "--model", str(dense_dir), "--out", str(out), "--bits", quantize[3:],
-                     "--group-size", str(group)]) == 0
+    write_quantized_checkpoint(dense_dir, out, QuantScheme(bits=int(quantize[3:]), group_size=group))
     on_load = llama_mm.load_model(dense_dir, quantize=quantize, group_size=group)
     from_file = llama_mm.load_model(out)
     ours, theirs = on_load.state_dict(), from_file.state_dict()
@@ -193,7 +187,7 @@ def test_bad_quantize_arguments(dense_dir, build_case):
     qdir = build_case("w4-g32-sym")[0]
     with pytest.raises(ValueError, match="quantize='int3' is not supported"):
         llama_mm.load_model(dense_dir, quantize="int3")
-    with pytest.raises(ValueError, match=r"group_size 48 does not divide the input size of .*q_proj\.weight"):
+    with pytest.raises(ValueError, match=r"group size 48 does not divide 128 \(the input size of tensor .*q_proj"):
         llama_mm.load_model(dense_dir, quantize="int4", group_size=48)
     with pytest.raises(ValueError, match=r"quantize='int8' asked for .*already quantized"):
         llama_mm.load_model(qdir, quantize="int8")

@@ -142,8 +142,6 @@ def quantize_scheme(quantize: str | None, group_size: int | None) -> QuantScheme
         return None
     if quantize not in QUANTIZE_BITS:
         raise ValueError(f"quantize={quantize!r} is not supported (use one of {sorted(QUANTIZE_BITS)} or None)")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None (one group per row), got {group_size!r}")
     return QuantScheme(bits=QUANTIZE_BITS[quantize], group_size=group_size, symmetric=True)
 
 
@@ -191,11 +189,15 @@ def quantize_on_load(model: MllamaModel, tensors: dict[str, torch.Tensor], schem
     dropping its source pages as soon as it is quantized: the full-precision text stack is never held. A weight the
     checkpoint lacks stays in the model for `assign_weights` to report."""
     names = [n for n in text_linear_names(model, lm_head) if n + ".weight" in tensors]
-    if scheme.group_size is not None:
-        bad = [f"{n}.weight (in_features {tensors[n + '.weight'].shape[-1]})" for n in names
-               if tensors[n + ".weight"].shape[-1] % scheme.group_size]
-        if bad:
-            raise ValueError(f"{source}: group_size {scheme.group_size} does not divide the input size of {bad}")
+    bad = []
+    for n in names:
+        try:
+            scheme.validate(tensors[n + ".weight"].shape[-1], n + ".weight")
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError(f"{source}: cannot quantize {len(bad)} weight(s) with {scheme}: {bad[0]}"
+                         f"{' (and more)' if len(bad) > 1 else ''}")
     if progress:
         from tqdm import tqdm
 
@@ -203,6 +205,6 @@ def quantize_on_load(model: MllamaModel, tensors: dict[str, torch.Tensor], schem
     quantized = {}
     for name in names:
         weight = tensors.pop(name + ".weight")
-        quantized[name] = quantize_weight(weight, scheme)
+        quantized[name] = quantize_weight(weight, scheme, name + ".weight")
         release_pages(weight)
     return quantized

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from .checkpoint import TEXT_LINEAR
 from .rtn import QuantizedWeight, quantize_weight
-from .scheme import QuantScheme
-
-SUPPORTED_BITS = (4, 8)
+from .scheme import SUPPORTED_BITS, QuantScheme
 
 
 def quant_geometry(packed: torch.Tensor, scale: torch.Tensor, in_features: int, where: str) -> tuple[int, int]:
@@ -82,8 +81,7 @@ class QuantLinear(nn.Module):
 def text_linear_names(model: nn.Module, lm_head: bool = False) -> list[str]:
     """The modules quantize-on-load replaces: every Linear of the text decoder (self- and cross-attention q/k/v/o,
     MLP gate/up/down), plus lm_head when asked."""
-    names = [n for n, m in model.named_modules()
-             if n.startswith("language_model.model.layers.") and isinstance(m, nn.Linear)]
+    names = [n for n, m in model.named_modules() if TEXT_LINEAR.match(n + ".weight") and isinstance(m, nn.Linear)]
     return names + (["language_model.lm_head"] if lm_head else [])
 
 
