@@ -31,4 +31,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask);
 
+// x [..., K] (any strides); packed int32 [N, K*bits/32]; scale [N, K/group_size]; zero int8 [N, K/group_size] or
+// none; bits 4 or 8 -> [..., N] in x's dtype, contiguous (see cpp/kernels/qlinear.h).
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size);
+
 }  // namespace llama_mm::cuda

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 // Run the lambda body with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes every op accepts).
 #define LLAMA_MM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                    \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                              \
@@ -72,6 +74,40 @@ inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, c1
               "), got ", up.sizes());
   check_same_dtype(up, gate, "silu_mul", "up", "gate");
   check_device(up, gate, type, "silu_mul", "up", "gate");
+}
+
+// qlinear: x [..., K]; packed int32 [N, K*bits/32]; scale [N, K/group_size] (any float dtype); zero int8
+// [N, K/group_size] or none; bits 4 or 8; group_size divides K.
+inline void check_qlinear_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
+                               c10::DeviceType type) {
+  check_float_dtype(x, "qlinear", "x");
+  TORCH_CHECK(x.dim() >= 1, "llama_mm.qlinear: x must have shape [..., K], got a 0-dim tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "llama_mm.qlinear: bits must be 4 or 8, got ", bits);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0, "llama_mm.qlinear: x must have K > 0 input features, got shape ", x.sizes());
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "llama_mm.qlinear: group_size must divide K = ", K,
+              " (the last dim of x ", x.sizes(), "), got ", group_size);
+  TORCH_CHECK(K * bits % 32 == 0, "llama_mm.qlinear: K = ", K, " must be a multiple of ", 32 / bits,
+              " (32 / bits) to pack into int32 words");
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "llama_mm.qlinear: packed must be int32, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 2 && packed.size(1) == K * bits / 32, "llama_mm.qlinear: packed must have shape [N, ",
+              K * bits / 32, "] (K * bits / 32 for K = ", K, ", bits = ", bits, "), got ", packed.sizes());
+  const int64_t N = packed.size(0), G = K / group_size;
+  check_float_dtype(scale, "qlinear", "scale");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
+              "llama_mm.qlinear: scale must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
+              scale.sizes());
+  check_device(packed, x, type, "qlinear", "packed", "x");
+  check_device(scale, x, type, "qlinear", "scale", "x");
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->scalar_type() == at::kChar, "llama_mm.qlinear: zero must be int8, got ", zero->scalar_type());
+    TORCH_CHECK(zero->dim() == 2 && zero->size(0) == N && zero->size(1) == G,
+                "llama_mm.qlinear: zero must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
+                zero->sizes());
+    check_device(*zero, x, type, "qlinear", "zero", "x");
+  }
 }
 
 // t [..., D] as [N, D] with unit stride along D: a view when the leading dims allow it, else a contiguous copy.

@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "gemv.h"
 #include "ops.h"
+#include "qlinear.h"
 
 TORCH_LIBRARY(llama_mm, m) {
   // Fake (meta) implementations for tracing and torch.library.opcheck live in this Python module.
@@ -15,6 +16,7 @@ TORCH_LIBRARY(llama_mm, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, Tensor length) -> Tensor");
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
@@ -24,4 +26,5 @@ TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
   m.impl("decode_attention", &llama_mm::cpu::decode_attention);
   m.impl("cross_attention", &llama_mm::cpu::cross_attention);
   m.impl("gemv", &llama_mm::cpu::gemv);
+  m.impl("qlinear", &llama_mm::cpu::qlinear);
 }

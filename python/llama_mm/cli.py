@@ -146,6 +146,28 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    from .quant.checkpoint import write_quantized_checkpoint
+    from .quant.scheme import QuantScheme
+
+    if a.model is None:
+        from .generator import BUILTIN_DIR
+
+        a.model = BUILTIN_DIR
+    if a.channel and a.group_size is not None:
+        raise ValueError("--channel (one scale per output row) and --group-size exclude each other")
+    group_size = None if a.channel else (128 if a.group_size is None else a.group_size)
+    scheme = QuantScheme(a.bits, group_size, not a.asymmetric)
+    t = time.perf_counter()
+    r = write_quantized_checkpoint(a.model, a.out, scheme, progress=True)
+    print(f"wrote {r.out_dir} in {time.perf_counter() - t:.1f} s: {len(r.quantized)} Linear weights quantized "
+          f"({scheme.bits}-bit, {scheme.strategy}{'' if a.channel else f' {scheme.group_size}'}, "
+          f"{'symmetric' if scheme.symmetric else 'asymmetric'}); tensors {r.bytes_before / 2**20:.1f} MiB -> "
+          f"{r.bytes_after / 2**20:.1f} MiB")
+    print("files: " + ", ".join(r.files))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llama-mm", description="Run Llama 3.2 Vision (Mllama) checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--output", default="llama_mm_demo.png")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("quantize", help="write a compressed-tensors int4/int8 (pack-quantized) checkpoint")
+    q.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    q.add_argument("--group-size", type=int, default=None, help="inputs per scale (default 128)")
+    q.add_argument("--asymmetric", action="store_true", help="add a zero point per group")
+    q.add_argument("--channel", action="store_true", help="one scale per output row instead of groups")
+    q.set_defaults(func=cmd_quantize)
 
     f = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL file of images and chats")
     f.set_defaults(func=None)

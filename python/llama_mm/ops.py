@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from llama_mm.quant.packing import unpack
+
 try:
     from llama_mm import _C  # loading it registers torch.ops.llama_mm.*
 except ModuleNotFoundError as e:  # not built: pure-PyTorch fallback
@@ -28,7 +30,8 @@ else:
 NATIVE: bool = _C is not None
 CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
 
-__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "rms_norm_ref", "rope_ref", "silu_mul_ref"]
+__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "rms_norm_ref", "rope_ref", "silu_mul_ref",
+           "qlinear", "qlinear_ref", "qlinear_dequantize"]
 
 
 # ---- references (HF formulas) ----------------------------------------------------------------------------------
@@ -65,6 +68,29 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def qlinear_dequantize(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """Dense float32 W [N, K] = (q - zero) * scale of a pack-quantized weight (each group's zero and scale repeated)."""
+    K = packed.shape[1] * 32 // bits
+    q = unpack(packed, bits, K).float()  # (N, K)
+    if zero is not None:
+        q = q - zero.float().repeat_interleave(group_size, dim=1)
+    return q * scale.float().repeat_interleave(group_size, dim=1)
+
+
+def qlinear_ref(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Weight-only quantized linear: x [..., K] @ W.T with W = (q - zero) * scale in float32 -> [..., N] in x's dtype.
+
+    packed int32 [N, K*bits/32] (quant.packing layout), scale [N, K/group_size], zero int8 [N, K/group_size] or None.
+    """
+    w = qlinear_dequantize(packed, scale, zero, bits, group_size)  # (N, K) float32
+    return (x.float() @ w.T).to(x.dtype)
+
+
 # ---- wrappers ----------------------------------------------------------------------------------------------------
 
 
@@ -99,6 +125,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(gate, up)
 
 
+def qlinear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """y = x W^T for a pack-quantized int4/int8 W (see qlinear_ref). x [..., K] -> [..., N] in x's dtype."""
+    if _native_ok(x, packed, scale):
+        return torch.ops.llama_mm.qlinear(x, packed, scale, zero, bits, group_size)
+    return qlinear_ref(x, packed, scale, zero, bits, group_size)
+
+
 # ---- registrations: fake (meta) implementations for tracing/torch.compile/opcheck, and autograd -----------------
 
 if NATIVE:
@@ -128,6 +164,11 @@ if NATIVE:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+    @torch.library.register_fake("llama_mm::qlinear")
+    def _qlinear_fake(x, packed, scale, zero, bits, group_size):
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 def _register_reference_backward(name: str, reference, n_tensors: int) -> None:
     """Make torch.ops.llama_mm.<name> differentiable: its backward is the gradient of `reference`, recomputed.
 
@@ -152,3 +193,16 @@ if NATIVE:
     _register_reference_backward("rms_norm", rms_norm_ref, 2)
     _register_reference_backward("rope", rope_ref, 3)
     _register_reference_backward("silu_mul", silu_mul_ref, 2)
+
+    def _qlinear_setup_context(ctx, inputs, output):
+        x, packed, scale, zero, bits, group_size = inputs
+        ctx.save_for_backward(packed, scale, zero)
+        ctx.x_dtype, ctx.bits, ctx.group_size = x.dtype, bits, group_size
+
+    def _qlinear_backward(ctx, grad):
+        """Gradient w.r.t. x only (the quantized weights are frozen): grad [..., N] @ W -> [..., K]."""
+        packed, scale, zero = ctx.saved_tensors
+        w = qlinear_dequantize(packed, scale, zero, ctx.bits, ctx.group_size)  # (N, K) float32
+        return (grad.float() @ w).to(ctx.x_dtype), None, None, None, None, None
+
+    torch.library.register_autograd("llama_mm::qlinear", _qlinear_backward, setup_context=_qlinear_setup_context)

@@ -103,7 +103,7 @@ def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: QuantSche
         return bad(SHAPE, f"expected 2 positive integers (out, in), got {shape.dtype} {shape.tolist()}")
     n, k = (int(v) for v in shape)
     try:
-        scheme.validate(k, f"{module}.{PACKED}")
+        scheme.validate(k, module)
     except ValueError as e:
         return bad(SHAPE, str(e))
     _expect(parts[PACKED], torch.int32, (n, k * scheme.bits // 32), f"{module}.{PACKED}",
@@ -172,6 +172,10 @@ def write_quantized_checkpoint(src_dir: str | Path, out_dir: str | Path, scheme:
     files = checkpoint_files(src)
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: the output directory must differ from the source")
+    for path in files:  # check every weight before writing anything (headers only: the data stays mapped)
+        for name, t in read_safetensors(path).items():
+            if _selected(name, ignore):
+                _check_quantizable(t, scheme, f"{name} ({path.name})")
     out.mkdir(parents=True, exist_ok=True)
     report = QuantizeReport(out)
     weight_map: dict[str, str] = {}
@@ -181,8 +185,8 @@ def write_quantized_checkpoint(src_dir: str | Path, out_dir: str | Path, scheme:
         written: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             report.bytes_before += t.numel() * t.element_size()
-            prefix = name[: -len(".weight")]
-            if TEXT_LINEAR.match(canonical_name(name)) and not is_ignored(prefix, ignore):
+            if _selected(name, ignore):
+                prefix = name[: -len(".weight")]
                 written.update(module_tensors(prefix, quantize_weight(t, scheme, name)))
                 report.quantized.append(prefix)
             else:
@@ -210,6 +214,20 @@ def write_quantized_checkpoint(src_dir: str | Path, out_dir: str | Path, scheme:
             shutil.copyfile(f, out / f.name)
             report.files.append(f.name)
     return report
+
+
+def _selected(name: str, ignore: list[str]) -> bool:
+    """Whether the writer quantizes tensor `name`: a text-decoder Linear weight that `ignore` does not name."""
+    return bool(TEXT_LINEAR.match(canonical_name(name))) and not is_ignored(name[: -len(".weight")], ignore)
+
+
+def _check_quantizable(t: torch.Tensor, scheme: QuantScheme, name: str) -> None:
+    if t.dim() != 2 or not t.is_floating_point():
+        raise CheckpointError(f"tensor {name}: expected a 2-D floating-point weight, got {t.dtype} {list(t.shape)}")
+    try:
+        scheme.validate(t.shape[1], name)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_quantization_config(model_dir: str | Path) -> tuple[QuantScheme, list[str]] | None:

@@ -4,9 +4,10 @@ For each group of `group_size` columns of a row (or the whole row, per channel),
   lo = min(min(w), 0), hi = max(max(w), 0)                   (0 must stay representable)
   symmetric:  scale = max(|lo|, |hi|) / ((qmax - qmin) / 2),  zero = 0
   asymmetric: scale = (hi - lo) / (qmax - qmin),              zero = round(clamp(qmin - lo / scale, qmin, qmax))
-  scale == 0 -> the dtype's eps;  q = round(clamp(w / scale + zero, qmin, qmax))  with [qmin, qmax] = [-2^(b-1), 2^(b-1)-1]
-and back: w' = (q - zero) * scale in the scale's dtype. (compressed_tensors.quantization.utils.helpers.calculate_qparams,
-lifecycle/forward_helpers._quantize/_dequantize.)
+  scale == 0 -> the dtype's eps
+  q = round(clamp(w / scale + zero, qmin, qmax)),  [qmin, qmax] = [-2^(bits-1), 2^(bits-1) - 1]
+and back: w' = (q - zero) * scale in the scale's dtype. (compressed_tensors: quantization/utils/helpers.py
+calculate_qparams; quantization/lifecycle/forward_helpers.py _quantize, _dequantize.)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .scheme import QuantScheme
 class QuantizedWeight:
     """One quantized Linear weight [N, K].
 
-    packed: int32 [N, K*bits/32] (q + 2^(bits-1), little-end first); scale: [N, G] in the source dtype;
+    packed: int32 [N, K*bits/32], q + 2^(bits-1) of column k in word k*bits//32 at bit (k*bits)%32 (packing.pack);
+    scale: [N, G] in the source dtype;
     zero: int8 [N, G] signed zero points (None when symmetric); group_size: columns per scale (K per channel).
     """
 

@@ -1,0 +1,303 @@
+// Weight-only quantized linear layer (CPU): y = x W^T, W int4 / int8 in compressed-tensors' pack-quantized layout.
+//
+// Decode (at most kQlinearDecodeRows rows of x): every packed weight row is streamed from memory once and unpacked
+// in registers. The stored unsigned values u = q + 2^(bits-1) are multiplied by x as they are, the offset folded
+// into the zero point (z' = zero + 2^(bits-1)):
+//   y[m, n] = sum_g scale[n, g] * (sum_{k in g} u[n, k] x[m, k]) - sum_g scale[n, g] z'[n, g] xsum[m, g]
+// with xsum[m, g] = sum_{k in g} x[m, k]; all in float32 (u and z' are exact), rounded once to x's dtype. Each
+// (m, n) result goes through the same operations in the same order whatever the number of rows and wherever the
+// row sits (rows are taken in blocks of up to kRowBlock, each row with its own accumulators): bitwise batch
+// invariance, which continuous batching relies on.
+// Prefill (more rows): tiles of W dequantized to float32, (u - z') * scale exactly as the reference computes
+// (q - zero) * scale, then at::mm.
+#include "qlinear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_utils.h"
+#include "op_common.h"
+
+namespace llama_mm::cpu {
+namespace {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed int32 words are read byte by byte");
+
+constexpr int kStreams = 4;   // output rows walked side by side at batch 1 (independent memory streams)
+constexpr int kRowBlock = 4;  // rows of x per pass over a weight row at batch > 1 (their x stays in L1)
+constexpr int64_t kPrefetchBytes = 1024;
+
+// The operands of one call, with x in float32 and its per-group sums.
+template <typename SC>
+struct QMat {
+  const uint8_t* w;  // packed weights as bytes, row n at w + n * row_bytes
+  int64_t row_bytes;
+  const SC* scale;       // [N, G]
+  const int8_t* zero;    // [N, G] or null
+  int64_t K, G, gs, N;
+  const float* x;     // [M, K]
+  const float* xsum;  // [M, G]
+  float* y;           // [M, N]
+};
+
+// Stored unsigned value k of a packed row.
+template <int BITS>
+inline float value_at(const uint8_t* row, int64_t k) {
+  if constexpr (BITS == 4) {
+    return static_cast<float>((row[k >> 1] >> ((k & 1) * 4)) & 0xF);
+  } else {
+    return static_cast<float>(row[k]);
+  }
+}
+
+// sum_g scale[n, g] * z'[n, g] * xsum[m, g]: the zero point's (and the storage offset's) share of y[m, n].
+template <int BITS, typename SC>
+inline float zero_term(const QMat<SC>& a, int64_t n, int64_t m) {
+  const SC* sc = a.scale + n * a.G;
+  const int8_t* z = a.zero ? a.zero + n * a.G : nullptr;
+  const float* xs = a.xsum + m * a.G;
+  float t = 0.0f;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const float zp = static_cast<float>((z ? z[g] : 0) + (1 << (BITS - 1)));
+    t += static_cast<float>(sc[g]) * zp * xs[g];
+  }
+  return t;
+}
+
+// y[m, n] for the S output rows `n` and B x rows from m0: plain C++, one value at a time (also the path for group
+// sizes that are not a multiple of 8 on every CPU).
+template <int BITS, typename SC, int S, int B>
+void rows_scalar(const QMat<SC>& a, const int64_t* n, int64_t m0) {
+  for (int s = 0; s < S; ++s) {
+    const uint8_t* row = a.w + n[s] * a.row_bytes;
+    const SC* sc = a.scale + n[s] * a.G;
+    for (int b = 0; b < B; ++b) {
+      const float* x = a.x + (m0 + b) * a.K;
+      float total = 0.0f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        float acc = 0.0f;
+        for (int64_t k = g * a.gs; k < (g + 1) * a.gs; ++k) acc += value_at<BITS>(row, k) * x[k];
+        total += static_cast<float>(sc[g]) * acc;
+      }
+      a.y[(m0 + b) * a.N + n[s]] = total - zero_term<BITS>(a, n[s], m0 + b);
+    }
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// Stored values k .. k+7 of a packed row (k a multiple of 8) as 8 floats.
+template <int BITS>
+inline __m256 load8(const uint8_t* row, int64_t k) {
+  if constexpr (BITS == 4) {
+    uint32_t word;
+    std::memcpy(&word, row + k / 2, 4);  // values k .. k+7, value j at bits 4j
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                                       _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(u);
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+  }
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// AVX2 + FMA, group size a multiple of 8. Per (s, b): two accumulators over alternate 8-value chunks of a group,
+// their sum times the group's scale added into a running vector; one horizontal sum at the end.
+template <int BITS, typename SC, int S, int B>
+void rows_avx2(const QMat<SC>& a, const int64_t* n, int64_t m0) {
+  const uint8_t* row[S];
+  const SC* sc[S];
+  for (int s = 0; s < S; ++s) {
+    row[s] = a.w + n[s] * a.row_bytes;
+    sc[s] = a.scale + n[s] * a.G;
+  }
+  const float* x = a.x + m0 * a.K;
+  __m256 total[S][B];
+  for (int s = 0; s < S; ++s)
+    for (int b = 0; b < B; ++b) total[s][b] = _mm256_setzero_ps();
+  const int64_t group_bytes = a.gs * BITS / 8;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t k0 = g * a.gs, k1 = k0 + a.gs;
+    for (int s = 0; s < S; ++s)
+      for (int64_t off = 0; off < group_bytes; off += 64) {
+        __builtin_prefetch(row[s] + k0 * BITS / 8 + off + kPrefetchBytes, 0, 3);
+      }
+    __m256 acc[S][B][2];
+    for (int s = 0; s < S; ++s)
+      for (int b = 0; b < B; ++b) acc[s][b][0] = acc[s][b][1] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      for (int s = 0; s < S; ++s) {
+        const __m256 w0 = load8<BITS>(row[s], k), w1 = load8<BITS>(row[s], k + 8);
+        for (int b = 0; b < B; ++b) {
+          acc[s][b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * a.K + k), acc[s][b][0]);
+          acc[s][b][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + b * a.K + k + 8), acc[s][b][1]);
+        }
+      }
+    }
+    if (k < k1) {  // a last chunk of 8
+      for (int s = 0; s < S; ++s) {
+        const __m256 w0 = load8<BITS>(row[s], k);
+        for (int b = 0; b < B; ++b)
+          acc[s][b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * a.K + k), acc[s][b][0]);
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      const __m256 scale = _mm256_set1_ps(static_cast<float>(sc[s][g]));
+      for (int b = 0; b < B; ++b)
+        total[s][b] = _mm256_fmadd_ps(_mm256_add_ps(acc[s][b][0], acc[s][b][1]), scale, total[s][b]);
+    }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int b = 0; b < B; ++b)
+      a.y[(m0 + b) * a.N + n[s]] = hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
+}
+
+#endif
+
+template <int BITS, typename SC, int S, int B>
+void rows(const QMat<SC>& a, const int64_t* n, int64_t m0) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (a.gs % 8 == 0) return rows_avx2<BITS, SC, S, B>(a, n, m0);
+#endif
+  rows_scalar<BITS, SC, S, B>(a, n, m0);
+}
+
+// All M rows of x for output row n, in blocks of kRowBlock.
+template <int BITS, typename SC>
+void all_rows(const QMat<SC>& a, int64_t n, int64_t M) {
+  int64_t m = 0;
+  for (; m + kRowBlock <= M; m += kRowBlock) rows<BITS, SC, 1, kRowBlock>(a, &n, m);
+  switch (M - m) {
+    case 3: rows<BITS, SC, 1, 3>(a, &n, m); break;
+    case 2: rows<BITS, SC, 1, 2>(a, &n, m); break;
+    case 1: rows<BITS, SC, 1, 1>(a, &n, m); break;
+    default: break;
+  }
+  static_assert(kRowBlock == 4, "the remainder cases above cover 1 .. kRowBlock - 1 rows");
+}
+
+// Output rows [n0, n1): cut into kStreams contiguous parts walked side by side (one row of each per step), so the
+// weights are read as kStreams sequential streams; the rows left over go one at a time.
+template <int BITS, typename SC>
+void decode_range(const QMat<SC>& a, int64_t M, int64_t n0, int64_t n1) {
+  const int64_t part = (n1 - n0) / kStreams;
+  for (int64_t i = 0; i < part; ++i) {
+    int64_t n[kStreams];
+    for (int s = 0; s < kStreams; ++s) n[s] = n0 + s * part + i;
+    if (M == 1) {
+      rows<BITS, SC, kStreams, 1>(a, n, 0);
+    } else {
+      for (int s = 0; s < kStreams; ++s) all_rows<BITS>(a, n[s], M);
+    }
+  }
+  for (int64_t n = n0 + kStreams * part; n < n1; ++n) all_rows<BITS>(a, n, M);
+}
+
+// x2 [M, K] float32 contiguous -> y [M, N] float32 through the decode kernels.
+template <typename SC>
+void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& scale, const int8_t* zero,
+            int64_t bits, int64_t gs, at::Tensor& y) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = packed.size(0), G = K / gs;
+  at::Tensor xsum = at::empty({M, G}, x2.options());  // [M, G], summed in order (the same for every M)
+  float* xs = xsum.data_ptr<float>();
+  const float* xp = x2.data_ptr<float>();
+  for (int64_t i = 0; i < M * G; ++i) {
+    float t = 0.0f;
+    for (int64_t k = 0; k < gs; ++k) t += xp[i * gs + k];
+    xs[i] = t;
+  }
+  const QMat<SC> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
+                   scale.data_ptr<SC>(), zero, K, G, gs, N, xp, xs, y.data_ptr<float>()};
+  const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (bits == 4) {
+      decode_range<4>(a, M, n0, n1);
+    } else {
+      decode_range<8>(a, M, n0, n1);
+    }
+  });
+}
+
+// W rows [n0, n0 + rows) dequantized to float32 [rows, K]: (q - zero) * scale, each factor in float32.
+template <int BITS, typename SC>
+void dequantize_rows(const uint8_t* w, int64_t row_bytes, const SC* scale, const int8_t* zero, int64_t K,
+                     int64_t gs, int64_t n0, int64_t rows, float* out) {
+  const int64_t G = K / gs;
+  at::parallel_for(0, rows, row_grain(K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = n0 + r;
+      const uint8_t* row = w + n * row_bytes;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = static_cast<float>(scale[n * G + g]);
+        const float zq = static_cast<float>((zero ? zero[n * G + g] : 0) + (1 << (BITS - 1)));
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) out[r * K + k] = (value_at<BITS>(row, k) - zq) * s;
+      }
+    }
+  });
+}
+
+// x2 [M, K] float32 -> y [M, N] float32: tiles of W dequantized (about 8 MiB of float32 each), then at::mm.
+template <typename SC>
+void prefill(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& scale, const int8_t* zero,
+             int64_t bits, int64_t gs, at::Tensor& y) {
+  const int64_t K = x2.size(1), N = packed.size(0);
+  const int64_t tile = std::max<int64_t>(16, (8 << 20) / (4 * K));
+  const auto* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  const int64_t row_bytes = packed.size(1) * 4;
+  at::Tensor wt = at::empty({std::min(tile, N), K}, x2.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t rows = std::min(tile, N - n0);
+    at::Tensor wtile = wt.narrow(0, 0, rows);  // [rows, K]
+    if (bits == 4) {
+      dequantize_rows<4>(w, row_bytes, scale.data_ptr<SC>(), zero, K, gs, n0, rows, wtile.data_ptr<float>());
+    } else {
+      dequantize_rows<8>(w, row_bytes, scale.data_ptr<SC>(), zero, K, gs, n0, rows, wtile.data_ptr<float>());
+    }
+    y.narrow(1, n0, rows).copy_(at::mm(x2, wtile.t()));  // [M, rows]
+  }
+}
+
+}  // namespace
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scale_in,
+                   const std::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
+  check_qlinear_args(x, packed_in, scale_in, zero_in, bits, group_size, c10::DeviceType::CPU);
+  const int64_t K = x.size(-1), N = packed_in.size(0);
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
+  const int8_t* zp = zero.defined() ? zero.data_ptr<int8_t>() : nullptr;
+  const int64_t M = x2.size(0);
+  at::Tensor y = at::empty({M, N}, x2.options());  // [M, N] float32
+  if (M > 0 && N > 0) {
+    LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear", [&] {
+      if (M <= kQlinearDecodeRows) {
+        decode<scalar_t>(x2, packed, scale, zp, bits, group_size, y);
+      } else {
+        prefill<scalar_t>(x2, packed, scale, zp, bits, group_size, y);
+      }
+    });
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+}  // namespace llama_mm::cpu
