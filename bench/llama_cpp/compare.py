@@ -108,8 +108,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds after the warm-up round")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="llama.cpp source and build (build.py)")
-    ap.add_argument("--workdir", type=Path, default=None, help="checkpoint and GGUF files (default: a temp dir "
-                                                                "under --cache, removed at the end)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="checkpoint and GGUF files, kept and reused by later runs (delete it to remake them); "
+                         "default: a temp dir under --cache, removed at the end")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/llama_cpp_compare.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,9 +141,10 @@ def main():
     bandwidth = results["read_bandwidth"]["best_GBps"]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="compare-", dir=args.cache))
     checkpoint = workdir / "checkpoint"
-    ref = build_reference(TEXT, VISION, seed=0)
-    write_checkpoint(checkpoint, ref, dtype=torch.bfloat16)
-    del ref
+    if not (checkpoint / "config.json").exists():
+        ref = build_reference(TEXT, VISION, seed=0)
+        write_checkpoint(checkpoint, ref, dtype=torch.bfloat16)
+        del ref
     files = make_all(checkpoint, workdir / "gguf", llama)
     models, unavailable = {}, {}
     for name, kw in LLAMA_MM_VARIANTS.items():

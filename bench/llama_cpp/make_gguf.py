@@ -140,11 +140,15 @@ def tensor_summary(path: Path, llama: LlamaCpp) -> dict:
 
 
 def make_all(checkpoint: Path, out: Path, llama: LlamaCpp) -> dict[str, Path]:
-    """Every file of FORMATS under `out` (quantized from the bf16 file, the checkpoint's own precision)."""
+    """Every file of FORMATS under `out` (quantized from the bf16 file, the checkpoint's own precision); a file
+    already there is kept (delete `out` to remake them)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for stem, how in FORMATS.items():
         path = out / f"text_{stem}.gguf"
+        if path.exists():
+            files[stem] = path
+            continue
         if how is None:
             files[stem] = write_gguf(checkpoint, path, stem, llama)
         else:
