@@ -149,10 +149,12 @@ def make_all(checkpoint: Path, out: Path, llama: LlamaCpp) -> dict[str, Path]:
         if path.exists():
             files[stem] = path
             continue
+        part = path.with_suffix(".part")  # renamed when complete: an interrupted run leaves no file to reuse
         if how is None:
-            files[stem] = write_gguf(checkpoint, path, stem, llama)
+            write_gguf(checkpoint, part, stem, llama)
         else:
-            files[stem] = quantize(llama, files["bf16"], path, *how)
+            quantize(llama, files["bf16"], part, *how)
+        files[stem] = part.rename(path)
         print(f"wrote {path}", flush=True)
     return files
 
