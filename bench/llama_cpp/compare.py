@@ -188,7 +188,8 @@ def main():
             "fraction_of_read_bandwidth": round(summary["weight_bytes_read_per_token"] * best_ts / 1e9 / bandwidth,
                                                 3),
             "llama_bench": {k: record[k] for k in ("model_type", "model_size", "model_n_params", "n_threads",
-                                                   "type_k", "type_v", "flash_attn", "samples_ts")},
+                                                   "repack", "load_mode", "type_k", "type_v", "flash_attn",
+                                                   "samples_ts")},
         }
     results["llama_mm_runs"] = {}
     for name, model in models.items():
