@@ -181,7 +181,7 @@ def test_bad_requests_then_still_works(gen, images, kwargs, message):
 
 def test_image_count_mismatch(gen, images):
     with pytest.raises(ValueError, match="2"):
-        gen.generate(images[0], "<|image|><|image|>two tokens, one image", max_new_tokens=4)
+        gen.generate(images[0], "<|image|><|image|>two tokens, one image", max_new_tokens=4, chat=False)
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(device="tpu"), "device"), (dict(dtype="int8"), "dtype")])

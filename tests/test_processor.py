@@ -56,8 +56,10 @@ def hf(checkpoint):
     return _hf_processor(checkpoint)
 
 
-def hf_call(hf, images=None, text=None, padding_side="left"):
-    return hf(images=images, text=text, padding=True, padding_side=padding_side, return_tensors="pt")
+def hf_call(hf, images=None, text=None, padding_side=None):
+    """transformers' processor; padding_side None: the checkpoint's own side, as ours without the argument."""
+    side = {} if padding_side is None else {"padding_side": padding_side}
+    return hf(images=images, text=text, padding=True, return_tensors="pt", **side)
 
 
 def assert_matches(got: dict, want, label="", pixel_unit=1.0):

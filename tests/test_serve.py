@@ -168,14 +168,14 @@ def test_logprobs_equal_log_softmax(client, model_id, gen):
 def test_completions_raw_prompt(client, model_id, gen):
     r = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=16, temperature=0)
     assert r.object == "text_completion"
-    assert r.choices[0].text == gen.generate(prompt="Once upon a time", max_new_tokens=16, temperature=0)
+    assert r.choices[0].text == gen.generate(prompt="Once upon a time", max_new_tokens=16, temperature=0, chat=False)
     streamed = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=16, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     two = client.completions.create(model=model_id, prompt=["Once upon a time", "The end"], max_tokens=8,
                                     temperature=0, logprobs=2)
     assert [c.index for c in two.choices] == [0, 1]
-    assert two.choices[1].text == gen.generate(prompt="The end", max_new_tokens=8, temperature=0)
+    assert two.choices[1].text == gen.generate(prompt="The end", max_new_tokens=8, temperature=0, chat=False)
     lp = two.choices[0].logprobs
     assert "".join(lp.tokens) == two.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)
 
@@ -272,7 +272,9 @@ def test_dropped_streams_return_their_blocks(server, model_id):
 
 def test_cli_serve_sigterm_graceful(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the llama_mm this test imported (the installed package in CI, python/ in a dev build)
+    package_root = str(Path(llama_mm.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "llama_mm.cli", "serve", "--port", str(port), "--max-batch", "4"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
