@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_decode import Clock, cpu_name  # noqa: E402
+from bench_decode import Clock, run_header  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -87,11 +87,8 @@ def main() -> None:
     tokens = engine.run(inputs, args.new_tokens, on_tokens=clock.tick)
     ttft, per_token = clock.result()
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "memory_GB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        **run_header(__file__, memory_GB=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                     load_average_1m_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)]),
         "checkpoint": {"dir": args.model, "bytes_on_disk_GB": round(sum(
             f.stat().st_size for f in Path(args.model).glob("*.safetensors")) / 1e9, 2)},
         "quantize": {"weights": args.quantize, "group_size": args.group_size},

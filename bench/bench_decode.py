@@ -47,6 +47,15 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def run_header(script: str, **machine) -> dict:
+    """The start of every bench record: the command that reproduces it, when it started, and the machine (with
+    `machine` adding or overriding fields, e.g. the load average)."""
+    return {"command": "python " + " ".join([os.path.relpath(script, ROOT)] + sys.argv[1:]),
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "python": platform.python_version(), **machine}}
+
+
 class Clock:
     """Token timestamps: time to first token and decode seconds per token from a single run."""
 
@@ -122,10 +131,7 @@ def main():
     inputs = random_inputs(ref, seq=args.prompt_tokens, aspect_ratios=((2, 2),), seed=0)
     vision_tokens = 4 * (560 // 14) ** 2 + 4
     load_before = os.getloadavg()
-    results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version()},
+    results = {**run_header(__file__),
                "model": {"text": TEXT, "vision": VISION, "images": "one 4-tile image (2x2)", "batch": 1,
                          "prompt_tokens": args.prompt_tokens, "new_tokens": N},
                "read_bandwidth": read_bandwidth(), "runs": []}

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_decode import TEXT, VISION, cpu_name  # noqa: E402
+from bench_decode import TEXT, VISION, run_header  # noqa: E402
 
 
 def photos(rounds: int):
@@ -83,11 +82,8 @@ def main():
         stats = cache.stats()
     best = {name: min(t) for name, t in times.items()}
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
-                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        **run_header(__file__, load_average_1m_before_after=[round(load_before[0], 2),
+                                                            round(os.getloadavg()[0], 2)]),
         "model": {"text": TEXT, "vision": VISION, "dtype": args.dtype,
                   "image": "skimage astronaut 1411x1411 -> 4 tiles (2x2)", "max_new_tokens": 1},
         "best_s": {k: round(v, 4) for k, v in best.items()},

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_decode import TEXT, VISION, HFStreamer, best_of_alternating, cpu_name  # noqa: E402
+from bench_decode import TEXT, VISION, HFStreamer, best_of_alternating, run_header  # noqa: E402
 from native import read_bandwidth  # noqa: E402
 
 
@@ -74,10 +72,7 @@ def main():
     inputs = random_inputs(ref, seq=args.prompt_tokens, aspect_ratios=((2, 2),), seed=0)
     vision_tokens = 4 * (560 // 14) ** 2 + 4
     load_before = os.getloadavg()
-    results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version()},
+    results = {**run_header(__file__),
                "model": {"text": TEXT, "vision": VISION, "images": "one 4-tile image (2x2)", "batch": 1,
                          "prompt_tokens": args.prompt_tokens, "new_tokens": N, "dtype": "bfloat16",
                          "group_size": args.group_size},

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_decode import TEXT, VISION, cpu_name, decode_bytes  # noqa: E402
+from bench_decode import TEXT, VISION, run_header, decode_bytes  # noqa: E402
 from native import read_bandwidth  # noqa: E402
 
 PROMPT = "Describe image {i} in detail, please."
@@ -191,10 +190,7 @@ def main():
     from serve_server import data_url
 
     results = {"load_average_1m_before": round(os.getloadavg()[0], 2),
-               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version()},
+               **run_header(__file__),
                "model": {"text": TEXT, "vision": VISION, "dtype": args.dtype, "images": "one 560x560 image (1 tile) "
                          "per request", "new_tokens": args.new_tokens, "greedy": True},
                "read_bandwidth": read_bandwidth()}

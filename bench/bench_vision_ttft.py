@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_decode import cpu_name  # noqa: E402
+from bench_decode import run_header  # noqa: E402
 
 TEXT = dict(vocab_size=1024, hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
             intermediate_size=1024, cross_attention_layers=[1], max_position_embeddings=131072,
@@ -141,11 +141,8 @@ def main():
         int8 = int8_path(model, engine, inputs, states, args.repeats) if args.int8 else None
     best = {name: min(t) for name, t in times.items()}
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
-                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        **run_header(__file__, load_average_1m_before_after=[round(load_before[0], 2),
+                                                            round(os.getloadavg()[0], 2)]),
         "model": {"text": TEXT, "vision": vision, "image": "skimage astronaut 1411x1411 -> 4 tiles (2x2)",
                   "dtype": args.dtype, "prompt_tokens": args.prompt_tokens},
         "ttft_s": {"transformers": round(best["transformers"], 3), "llama_mm": round(best["llama_mm"], 3)},

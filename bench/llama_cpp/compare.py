@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 for path in (ROOT / "tests", ROOT / "bench", ROOT / "python", HERE):
     sys.path.insert(0, str(path))
-from bench_decode import TEXT, VISION, Clock, cpu_name  # noqa: E402
+from bench_decode import TEXT, VISION, Clock, run_header  # noqa: E402
 from build import DEFAULT_CACHE, LlamaCpp, build  # noqa: E402
 from make_gguf import make_all, tensor_summary  # noqa: E402
 from native import read_bandwidth  # noqa: E402
@@ -122,10 +120,7 @@ def main():
 
     load_before = os.getloadavg()
     results = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "flags": cpu_flags(), "threads": args.threads,
-                    "torch": torch.__version__, "python": platform.python_version()},
+        **run_header(__file__, flags=cpu_flags(), threads=args.threads),
         "llama_cpp": {"source": f"llama-cpp-python {llama.package_version} sdist (PyPI), vendor/llama.cpp",
                       "commit": llama.commit, "build": "cmake Release, CPU only, GGML_NATIVE=ON, LLAMA_CURL=OFF"},
         "model": {"text": TEXT, "run": "text only: the self-attention layers "
