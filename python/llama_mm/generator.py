@@ -196,12 +196,7 @@ class Generator:
         return self.processor.decode(kept, skip_special_tokens=True)
 
     def _finish(self, ids, stop) -> str:
-        text = self._decode(ids)
-        for s in stop or ():
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
-        return text
+        return cut_at_stops(self._decode(ids), stop)[0]
 
     def _stream(self, inputs, max_new_tokens, stop, sampling) -> Iterator[str]:
         pieces: queue.Queue = queue.Queue()
@@ -231,6 +226,16 @@ class Generator:
             yield piece
         if error:
             raise error[0]
+
+
+def cut_at_stops(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
+    """The text up to the first occurrence of each stop string in turn, and whether any occurred."""
+    hit = False
+    for s in stops or ():
+        cut = text.find(s)
+        if cut >= 0:
+            text, hit = text[:cut], True
+    return text, hit
 
 
 def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 from anyio import to_thread
 
 from ..batching import FinishEvent, QueueFull, RequestTooLarge, TokenEvent
+from ..generator import cut_at_stops
 from ..sampling import SamplingParams
 from .errors import APIError, bad_request
 from .media import MediaError, MediaLimits, load_image
@@ -68,12 +69,7 @@ class Choice:
         if self.prepared.logprobs is not None and ev.logprob is not None:
             top = list(ev.top_logprobs or [])[: self.prepared.logprobs]
             self.logprobs.append(Logprob(ev.token_id, float(ev.logprob), [(int(i), float(lp)) for i, lp in top]))
-        self.text = self.service.decode(self.ids)
-        for s in self.prepared.stops:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.stopped_by_string = True
+        self.text, self.stopped_by_string = cut_at_stops(self.service.decode(self.ids), self.prepared.stops)
         if self.stopped_by_string and self.handle is not None:
             self.handle.cancel()
 
