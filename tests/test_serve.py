@@ -205,6 +205,23 @@ def test_models_health_metrics(server, client, model_id, ckpt):
     assert metric(text, "llama_mm_kv_blocks_total") > 0
 
 
+def test_image_cache_serves_a_resent_image(server, client, model_id, ckpt):
+    """The second request with the same image (another question) reads its vision states from the server's image
+    cache: one miss then one hit in /metrics, and both answers equal a Generator's without any cache."""
+    image = random_images([(61, 37)])[0]  # not used by any other test
+    uncached = llama_mm.Generator(ckpt, image_cache_mb=0)
+    before = httpx.get(server[1].url + "/metrics").text
+    for question in ("What is this?", "Which colours are in it?"):
+        msgs, template = split([user(question, [image])])
+        r = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == uncached.chat(template, images=[image], max_new_tokens=12,
+                                                             temperature=0)
+    after = httpx.get(server[1].url + "/metrics").text
+    assert uncached.image_cache.stats()["hits"] == 0
+    assert metric(after, "llama_mm_image_cache_misses_total") - metric(before, "llama_mm_image_cache_misses_total") == 1
+    assert metric(after, "llama_mm_image_cache_hits_total") - metric(before, "llama_mm_image_cache_hits_total") == 1
+
+
 def _wait_idle(url, timeout=60.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -268,6 +285,44 @@ def test_dropped_streams_return_their_blocks(server, model_id):
     assert metric(text, "llama_mm_kv_blocks_used") == 0
     cancelled = metric(text, "llama_mm_requests_finished_total", finish_reason="cancelled") - before
     assert cancelled == 20
+
+
+def test_dropped_non_streaming_requests_are_cancelled(server, model_id, gen, monkeypatch):
+    """A client that gives up on a non-streaming answer (here: its read timeout) closes the connection; the server
+    notices, cancels the request and frees its blocks instead of generating for nobody."""
+    from llama_mm.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app, "DISCONNECT_POLL_S", 0.01)  # the in-process server reads it on every check
+    # a greedy answer that runs to max_tokens (no end-of-turn token), so only a cancellation ends it early
+    for i in range(20):
+        prompt = f"Tell story number {i}."
+        gen.chat([{"role": "user", "content": prompt}], max_new_tokens=400, temperature=0)
+        if gen.last_token_count == 400:
+            break
+    else:
+        raise AssertionError("no prompt with a 400-token greedy answer")
+    url = server[1].url
+    before = metric(httpx.get(url + "/metrics").text, "llama_mm_requests_finished_total", finish_reason="cancelled")
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": 400,
+            "temperature": 0, "stop": []}
+    outcomes = []
+
+    def give_up():
+        try:
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.1))
+            outcomes.append("answered")
+        except httpx.ReadTimeout:
+            outcomes.append("gave up")
+
+    threads = [threading.Thread(target=give_up) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes == ["gave up"] * 4
+    text = _wait_idle(url)
+    assert metric(text, "llama_mm_kv_blocks_used") == 0
+    assert metric(text, "llama_mm_requests_finished_total", finish_reason="cancelled") - before == 4
 
 
 def test_cli_serve_sigterm_graceful(tmp_path):

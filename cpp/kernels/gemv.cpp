@@ -40,14 +40,16 @@ constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 3); }
 
-// sums[s * R + r] = w[s] . x[r] over K for S weight rows and R rows of x. The order of one dot product is fixed:
-// two float32 vector accumulators over chunks of two vectors (acc0 the first, acc1 the second), a last single
-// vector into acc0, acc0 + acc1 summed across lanes, then the scalar tail in order. Nothing depends on S or R.
-template <typename T, int S, int R>
-inline void dot_tile(const T* const* x, const T* const* w, int64_t K, float* sums) {
+// sums[s * R + r] = w[s] . x[r] over K for S weight rows and R rows of x. The order of one dot product is fixed and
+// depends on nothing but K: with vdpbf16ps (x bfloat16) two accumulators over chunks of two vectors (acc0 the first,
+// acc1 the second), a last single vector into acc0, acc0 + acc1 summed across lanes; otherwise (x widened to float32
+// once per call) one accumulator over vectors, summed across lanes; then the scalar tail in order.
+template <typename T, typename XT, int S, int R>
+inline void dot_tile(const XT* const* x, const T* const* w, int64_t K, float* sums) {
   int64_t k = 0;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
+    static_assert(std::is_same_v<XT, at::BFloat16>, "vdpbf16ps takes x as bfloat16");
     // vdpbf16ps: 32 bf16 products (exact in float32) summed in pairs into float32 lanes, no widening needed
     __m512 acc[S][R][2];
     for (int s = 0; s < S; ++s)
@@ -74,13 +76,15 @@ inline void dot_tile(const T* const* x, const T* const* w, int64_t K, float* sum
   } else
 #endif
   {
-    constexpr int64_t V = fVec::size(), kStepBytes = 2 * V * sizeof(T);
-    fVec acc[S][R][2];
+    static_assert(std::is_same_v<XT, float>, "x is widened to float32 once per call on this path");
+    // S x R accumulators, S weight vectors and one x vector live at a time: within the 16 vector registers of
+    // AVX2 for the tiles used (4 x 1 at one row, 2 x 4 at more), so the FMAs run at the core's full rate
+    constexpr int64_t V = fVec::size(), kStepBytes = V * sizeof(T);
+    fVec acc[S][R];
     for (int s = 0; s < S; ++s)
-      for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = fVec(0.f);
-    for (; k + 2 * V <= K; k += 2 * V) {
-      fVec x0[R], x1[R];
-      for (int r = 0; r < R; ++r) x0[r] = load1(x[r] + k), x1[r] = load1(x[r] + k + V);
+      for (int r = 0; r < R; ++r) acc[s][r] = fVec(0.f);
+    for (; k + V <= K; k += V) {
+      fVec wv[S];
       for (int s = 0; s < S; ++s) {
         const char* bytes = reinterpret_cast<const char*>(w[s] + k);
         if constexpr (kStepBytes >= 64) {
@@ -88,18 +92,15 @@ inline void dot_tile(const T* const* x, const T* const* w, int64_t K, float* sum
         } else if ((k * int64_t(sizeof(T))) % 64 == 0) {
           prefetch(bytes);
         }
-        const fVec w0 = load1(w[s] + k), w1 = load1(w[s] + k + V);
-        for (int r = 0; r < R; ++r) {
-          acc[s][r][0] = at::vec::fmadd(w0, x0[r], acc[s][r][0]);
-          acc[s][r][1] = at::vec::fmadd(w1, x1[r], acc[s][r][1]);
-        }
+        wv[s] = load1(w[s] + k);
+      }
+      for (int r = 0; r < R; ++r) {
+        const fVec xv = fVec::loadu(x[r] + k);
+        for (int s = 0; s < S; ++s) acc[s][r] = at::vec::fmadd(wv[s], xv, acc[s][r]);
       }
     }
-    for (; k + V <= K; k += V)
-      for (int s = 0; s < S; ++s)
-        for (int r = 0; r < R; ++r) acc[s][r][0] = at::vec::fmadd(load1(w[s] + k), load1(x[r] + k), acc[s][r][0]);
     for (int s = 0; s < S; ++s)
-      for (int r = 0; r < R; ++r) sums[s * R + r] = hsum(acc[s][r][0] + acc[s][r][1]);
+      for (int r = 0; r < R; ++r) sums[s * R + r] = hsum(acc[s][r]);
   }
   for (; k < K; ++k)
     for (int s = 0; s < S; ++s)
@@ -107,28 +108,28 @@ inline void dot_tile(const T* const* x, const T* const* w, int64_t K, float* sum
 }
 
 // Output rows n[0..S) of y (T, [M, N] row-major) for the R rows of x starting at x row r0.
-template <typename T, int S, int R>
-inline void tile(const T* x, int64_t r0, const T* w, int64_t w_stride, int64_t K, int64_t N, const int64_t* n,
+template <typename T, typename XT, int S, int R>
+inline void tile(const XT* x, int64_t r0, const T* w, int64_t w_stride, int64_t K, int64_t N, const int64_t* n,
                  T* y) {
-  const T* xr[R];
+  const XT* xr[R];
   const T* wr[S];
   float sums[S * R];
   for (int r = 0; r < R; ++r) xr[r] = x + (r0 + r) * K;
   for (int s = 0; s < S; ++s) wr[s] = w + n[s] * w_stride;
-  dot_tile<T, S, R>(xr, wr, K, sums);
+  dot_tile<T, XT, S, R>(xr, wr, K, sums);
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r) y[(r0 + r) * N + n[s]] = static_cast<T>(sums[s * R + r]);
 }
 
 // Output rows n[0..S) for all M rows of x, four x rows at a time.
-template <typename T, int S>
-void tile_all_rows(const T* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, const int64_t* n, T* y) {
+template <typename T, typename XT, int S>
+void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, const int64_t* n, T* y) {
   int64_t r0 = 0;
-  for (; r0 + 4 <= M; r0 += 4) tile<T, S, 4>(x, r0, w, ws, K, N, n, y);
+  for (; r0 + 4 <= M; r0 += 4) tile<T, XT, S, 4>(x, r0, w, ws, K, N, n, y);
   switch (M - r0) {
-    case 3: tile<T, S, 3>(x, r0, w, ws, K, N, n, y); break;
-    case 2: tile<T, S, 2>(x, r0, w, ws, K, N, n, y); break;
-    case 1: tile<T, S, 1>(x, r0, w, ws, K, N, n, y); break;
+    case 3: tile<T, XT, S, 3>(x, r0, w, ws, K, N, n, y); break;
+    case 2: tile<T, XT, S, 2>(x, r0, w, ws, K, N, n, y); break;
+    case 1: tile<T, XT, S, 1>(x, r0, w, ws, K, N, n, y); break;
     default: break;
   }
 }
@@ -138,24 +139,24 @@ void tile_all_rows(const T* x, int64_t M, const T* w, int64_t ws, int64_t K, int
 // time. More rows: two adjacent weight rows at a time, read once for all rows of x (which stay in cache).
 constexpr int kStreams = 4;
 
-template <typename T>
-void gemv_block(const T* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
+template <typename T, typename XT>
+void gemv_block(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
   int64_t n = n0;
   if (M == 1) {
     const int64_t part = (n1 - n0) / kStreams;
     for (int64_t i = 0; i < part; ++i) {
       int64_t rows[kStreams];
       for (int s = 0; s < kStreams; ++s) rows[s] = n0 + s * part + i;
-      tile<T, kStreams, 1>(x, 0, w, ws, K, N, rows, y);
+      tile<T, XT, kStreams, 1>(x, 0, w, ws, K, N, rows, y);
     }
     n = n0 + kStreams * part;
   } else {
     for (; n + 2 <= n1; n += 2) {
       const int64_t rows[2] = {n, n + 1};
-      tile_all_rows<T, 2>(x, M, w, ws, K, N, rows, y);
+      tile_all_rows<T, XT, 2>(x, M, w, ws, K, N, rows, y);
     }
   }
-  for (; n < n1; ++n) tile_all_rows<T, 1>(x, M, w, ws, K, N, &n, y);
+  for (; n < n1; ++n) tile_all_rows<T, XT, 1>(x, M, w, ws, K, N, &n, y);
 }
 
 }  // namespace
@@ -184,11 +185,18 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   const int64_t grain = std::max<int64_t>(1, 64 * 1024 / (K * w.element_size()));
   auto run = [&](auto tag) {
     using T = decltype(tag);
+#if defined(__AVX512BF16__)
+    using XT = std::conditional_t<std::is_same_v<T, at::BFloat16>, T, float>;
+#else
+    using XT = float;
+#endif
+    // x as the dot products read it: bfloat16 for vdpbf16ps, else float32 (exact), widened once here
+    const at::Tensor xw = std::is_same_v<XT, T> ? x : x.to(at::kFloat);  // [B, K]
     const T* wp = w.data_ptr<T>();
-    const T* xp = x.data_ptr<T>();
+    const XT* xp = xw.data_ptr<XT>();
     T* yp = y.data_ptr<T>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      gemv_block<T>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
+      gemv_block<T, XT>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
     });
   };
   switch (w.scalar_type()) {

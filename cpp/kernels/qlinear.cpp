@@ -95,18 +95,41 @@ void rows_scalar(const QMat<SC>& a, const int64_t* n, int64_t m0) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-// Stored values k .. k+7 of a packed row (k a multiple of 8) as 8 floats.
+// The AVX2 path takes 32 stored values at a time (group sizes that are multiples of 32). int4: their 16 bytes are
+// split into low nibbles (even k) and high nibbles (odd k), and vpshufb spreads 8 bytes into the 8 int32 lanes of a
+// vector; that gives the values in the order k0 + 0, 2, .., 14 | 16, 18, .., 30 | 1, 3, .., 15 | 17, .., 31, so x is
+// laid out in that order once per call (x_order_32 below) instead of shuffling every weight. int8: the 32 bytes in
+// order, 8 at a time zero-extended. Three vector operations per 8 values (spread, convert, FMA): on AVX2 machines
+// this loop, not memory, is what bounds the int4 kernel, so it has no other work in it.
+constexpr int64_t kChunk32 = 32;
+
+// Values 2e (e < 16) then 2e + 1 of every 32-value chunk: the order the int4 chunk loader produces.
+inline void x_order_32(const float* x, float* out, int64_t K) {
+  for (int64_t c = 0; c < K; c += kChunk32)
+    for (int64_t e = 0; e < 16; ++e) {
+      out[c + e] = x[c + 2 * e];
+      out[c + 16 + e] = x[c + 2 * e + 1];
+    }
+}
+
+// Stored values k .. k+31 of a packed row (k a multiple of 32) as four float vectors, in x's kernel order.
 template <int BITS>
-inline __m256 load8(const uint8_t* row, int64_t k) {
+inline void load32(const uint8_t* row, int64_t k, __m256 w[4]) {
   if constexpr (BITS == 4) {
-    uint32_t word;
-    std::memcpy(&word, row + k / 2, 4);  // values k .. k+7, value j at bits 4j
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
-                                       _mm256_set1_epi32(0xF));
-    return _mm256_cvtepi32_ps(u);
+    const __m256i low_bytes = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,  //
+                                               4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i high_bytes = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,  //
+                                                12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m256i even = _mm256_and_si256(v, nibble), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    w[0] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(even, low_bytes));
+    w[1] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(even, high_bytes));
+    w[2] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, low_bytes));
+    w[3] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, high_bytes));
   } else {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+    for (int i = 0; i < 4; ++i)
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8 * i))));
   }
 }
 
@@ -117,8 +140,9 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2 + FMA, group size a multiple of 8. Per (s, b): two accumulators over alternate 8-value chunks of a group,
-// their sum times the group's scale added into a running vector; one horizontal sum at the end.
+// AVX2 + FMA, group size a multiple of 32, x in kernel order. Per (s, b): two accumulators (vectors 0 and 2 of a
+// chunk into the first, 1 and 3 into the second), their sum times the group's scale added into a running vector;
+// one horizontal sum at the end. The order is the same for every S and B.
 template <int BITS, typename SC, int S, int B>
 void rows_avx2(const QMat<SC>& a, const int64_t* n, int64_t m0) {
   const uint8_t* row[S];
@@ -141,21 +165,17 @@ void rows_avx2(const QMat<SC>& a, const int64_t* n, int64_t m0) {
     __m256 acc[S][B][2];
     for (int s = 0; s < S; ++s)
       for (int b = 0; b < B; ++b) acc[s][b][0] = acc[s][b][1] = _mm256_setzero_ps();
-    int64_t k = k0;
-    for (; k + 16 <= k1; k += 16) {
+    for (int64_t k = k0; k < k1; k += kChunk32) {
       for (int s = 0; s < S; ++s) {
-        const __m256 w0 = load8<BITS>(row[s], k), w1 = load8<BITS>(row[s], k + 8);
+        __m256 w[4];
+        load32<BITS>(row[s], k, w);
         for (int b = 0; b < B; ++b) {
-          acc[s][b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * a.K + k), acc[s][b][0]);
-          acc[s][b][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + b * a.K + k + 8), acc[s][b][1]);
+          const float* xk = x + b * a.K + k;
+          acc[s][b][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk), acc[s][b][0]);
+          acc[s][b][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), acc[s][b][1]);
+          acc[s][b][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), acc[s][b][0]);
+          acc[s][b][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), acc[s][b][1]);
         }
-      }
-    }
-    if (k < k1) {  // a last chunk of 8
-      for (int s = 0; s < S; ++s) {
-        const __m256 w0 = load8<BITS>(row[s], k);
-        for (int b = 0; b < B; ++b)
-          acc[s][b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * a.K + k), acc[s][b][0]);
       }
     }
     for (int s = 0; s < S; ++s) {
@@ -171,10 +191,20 @@ void rows_avx2(const QMat<SC>& a, const int64_t* n, int64_t m0) {
 
 #endif
 
+// Whether the AVX2 loop (and so x in kernel order) serves this group size on this build.
+inline bool vector_path(int64_t gs) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return gs % 32 == 0;
+#else
+  (void)gs;
+  return false;
+#endif
+}
+
 template <int BITS, typename SC, int S, int B>
 void rows(const QMat<SC>& a, const int64_t* n, int64_t m0) {
 #if defined(__AVX2__) && defined(__FMA__)
-  if (a.gs % 8 == 0) return rows_avx2<BITS, SC, S, B>(a, n, m0);
+  if (vector_path(a.gs)) return rows_avx2<BITS, SC, S, B>(a, n, m0);
 #endif
   rows_scalar<BITS, SC, S, B>(a, n, m0);
 }
@@ -223,8 +253,17 @@ void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& sc
     for (int64_t k = 0; k < gs; ++k) t += xp[i * gs + k];
     xs[i] = t;
   }
+  const float* xk = xp;  // x as the row loops read it
+  at::Tensor x_ordered;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (bits == 4 && vector_path(gs)) {
+    x_ordered = at::empty({M, K}, x2.options());  // [M, K], each 32-value chunk even k first
+    for (int64_t m = 0; m < M; ++m) x_order_32(xp + m * K, x_ordered.data_ptr<float>() + m * K, K);
+    xk = x_ordered.data_ptr<float>();
+  }
+#endif
   const QMat<SC> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
-                   scale.data_ptr<SC>(), zero, K, G, gs, N, xp, xs, y.data_ptr<float>()};
+                   scale.data_ptr<SC>(), zero, K, G, gs, N, xk, xs, y.data_ptr<float>()};
   const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     if (bits == 4) {

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .engine import Engine, native_module, request_tensors, to_native
+from .image_cache import ImageCache
 from .model import MllamaModel
 from .sampling import SamplingParams
 
@@ -74,7 +75,7 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 
 class BatchEngine:
     def __init__(self, model: MllamaModel, *, max_batch: int = 16, kv_cache_mb: float = 512, block_size: int = 16,
-                 prefill_chunk: int = 256, max_queue: int = 256):
+                 prefill_chunk: int = 256, max_queue: int = 256, image_cache_mb: float = 0):
         if _positive_int("max_batch", max_batch) > MAX_BATCH:
             raise ValueError(f"max_batch must be <= {MAX_BATCH}, got {max_batch}")
         if not isinstance(kv_cache_mb, (int, float)) or not kv_cache_mb > 0:
@@ -83,6 +84,7 @@ class BatchEngine:
         _positive_int("prefill_chunk", prefill_chunk)
         self.max_queue = _positive_int("max_queue", max_queue)
         self.model = model
+        self.image_cache = ImageCache.from_mb(image_cache_mb)  # requests resending an image skip the vision tower
         self._engine = Engine(model)  # shares the model's weight tensors
         self._native = native_module().Scheduler(self._engine.native, max_batch, float(kv_cache_mb), block_size,
                                                  prefill_chunk)
@@ -118,7 +120,7 @@ class BatchEngine:
             raise ValueError("inputs['input_ids'] must be a [1, T] tensor (one prompt per request), got "
                              f"{None if ids is None else tuple(getattr(ids, 'shape', ()))}")
         self._check_fits(int(ids.shape[1]), max_new_tokens, 0)  # the context limit, before the vision tower
-        ids, mask, vision, cross, rows = request_tensors(self.model, inputs)
+        ids, mask, vision, cross, rows = request_tensors(self.model, inputs, self.image_cache)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
         keep = mask[0].bool()  # a single prompt: drop any padding
@@ -150,9 +152,11 @@ class BatchEngine:
 
     def stats(self) -> dict:
         """running, waiting, kv_blocks_used, kv_blocks_total, kv_block_size, tokens_generated (cumulative),
-        requests_finished (cumulative); as of the last step."""
+        requests_finished (cumulative) as of the last step; image_cache_hits / _misses (cumulative)."""
+        cache = self.image_cache.stats()
         with self._cond:
-            return dict(self._stats, waiting=self._stats["waiting"] + len(self._pending))
+            return dict(self._stats, waiting=self._stats["waiting"] + len(self._pending),
+                        image_cache_hits=cache["hits"], image_cache_misses=cache["misses"])
 
     def close(self, cancel_running: bool = False) -> None:
         """Stops taking requests; lets the queued and running ones finish (or cancels them); joins the thread."""

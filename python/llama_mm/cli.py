@@ -190,6 +190,7 @@ def cmd_serve(a) -> int:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    from . import image_cache
     from .serve import MAX_BODY_BYTES
     from .serve.media import MediaLimits
 
@@ -203,6 +204,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache pool (self- and cross-attention)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--image-cache-mb", type=float, default=image_cache.DEFAULT_MB,
+                   help="encoded images kept for requests that send them again (0: off)")
     p.add_argument("--allowed-media-dir", default=None, help="folder image_url file: paths may be read from")
     p.add_argument("--max-image-bytes", type=int, default=MediaLimits.max_bytes)
     p.add_argument("--max-image-pixels", type=int, default=MediaLimits.max_pixels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import image_cache
 from .media import MediaLimits
 
 BUILTIN_MODEL_ID = "llama_mm-builtin"
@@ -15,7 +16,7 @@ MAX_BODY_BYTES = 64 * 2**20  # --max-body-bytes default
 
 
 def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, max_batch=16, kv_cache_mb=512,
-                  max_queue=256, limits: MediaLimits | None = None, model_id: str | None = None):
+                  max_queue=256, image_cache_mb=image_cache.DEFAULT_MB, limits: MediaLimits | None = None, model_id: str | None = None):
     """Loads the checkpoint (None: the built-in model) and starts a BatchEngine over it: a Service."""
     from ..batching import BatchEngine
     from ..generator import Generator
@@ -27,7 +28,8 @@ def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, max
     text_side.init_text_side(model_dir)
     extra = {} if quantize is None else {"quantize": quantize}
     model = load_model(text_side.model_dir, device=device, dtype=dtype, progress=True, **extra)
-    engine = BatchEngine(model, max_batch=max_batch, kv_cache_mb=kv_cache_mb, max_queue=max_queue)
+    engine = BatchEngine(model, max_batch=max_batch, kv_cache_mb=kv_cache_mb, max_queue=max_queue,
+                         image_cache_mb=image_cache_mb)
     if model_id is None:
         model_id = BUILTIN_MODEL_ID if model_dir is None else Path(model_dir).resolve().name
     return Service(text_side, engine, model_id, limits or MediaLimits(), Metrics(engine))
@@ -46,7 +48,7 @@ def main(args) -> int:
         raise ValueError(f"--allowed-media-dir {args.allowed_media_dir!r} is not a directory")
     service = build_service(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                             max_batch=args.max_batch, kv_cache_mb=args.kv_cache_mb, max_queue=args.max_queue,
-                            limits=limits)
+                            image_cache_mb=args.image_cache_mb, limits=limits)
     app = create_app(service, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     print(f"llama-mm serve: {service.model_id} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
           flush=True)

@@ -9,6 +9,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -23,6 +24,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 from .service import Run, Service
 
 STATIC = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still connected
 
 
 def create_app(service: Service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -59,16 +61,16 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
                                             "owned_by": "llama_mm"}]}
 
     @v1.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         received = time.perf_counter()
         check_model(req.model)
         prepared = await service.prepare_chat(req)
         run = await service.start([prepared], req.n, received)
-        return await _respond(run, Envelope(True, service.model_id), req, [prepared.prompt_tokens],
+        return await _respond(run, request, Envelope(True, service.model_id), req, [prepared.prompt_tokens],
                               lambda entries, choice: chat_logprobs(entries, text_of))
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         received = time.perf_counter()
         check_model(req.model)
         prepared = await service.prepare_completion(req)
@@ -80,7 +82,8 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
             offsets[choice.index] = offset + sum(len(text_of(e.token_id)[0]) for e in entries)
             return completion_logprobs(entries, text_of, offset)
 
-        return await _respond(run, Envelope(False, service.model_id), req, [p.prompt_tokens for p in prepared],
+        return await _respond(run, request, Envelope(False, service.model_id), req,
+                              [p.prompt_tokens for p in prepared],
                               logprobs)
 
     app.include_router(v1)
@@ -101,9 +104,9 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
     return app
 
 
-async def _respond(run: Run, env: Envelope, req, prompt_tokens: list[int], format_logprobs):
+async def _respond(run: Run, request: Request, env: Envelope, req, prompt_tokens: list[int], format_logprobs):
     """The whole answer as one JSON, or (stream: true) as server-sent events; the run is cancelled if the client
-    goes away (the handler or the stream is cancelled)."""
+    goes away (a stream: its generator is closed; one JSON: the connection is watched while the answer is made)."""
     def fmt(choice, entries):
         return None if choice.prepared.logprobs is None else format_logprobs(entries, choice)
 
@@ -111,11 +114,19 @@ async def _respond(run: Run, env: Envelope, req, prompt_tokens: list[int], forma
         return usage(sum(prompt_tokens), sum(c.finish.completion_tokens for c in run.choices))
 
     if not req.stream:
-        try:
-            async for _ in run.events():
-                pass
-        finally:
+        async def cancel_on_disconnect():
+            while not await request.is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_S)
             run.cancel()
+
+        async with anyio.create_task_group() as watcher:
+            watcher.start_soon(cancel_on_disconnect)
+            try:
+                async for _ in run.events():
+                    pass
+            finally:
+                run.cancel()
+                watcher.cancel_scope.cancel()
         for c in run.choices:
             if c.finish_reason == "error":
                 raise APIError(500, f"generation failed: {c.finish.error}")
