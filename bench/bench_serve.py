@@ -64,7 +64,7 @@ def percentiles(xs) -> dict:
 
 
 class Server:
-    def __init__(self, model_dir, dtype, max_batch, kv_cache_mb):
+    def __init__(self, model_dir, dtype, max_batch, kv_cache_mb, image_cache_mb):
         from serve_server import free_port
 
         self.port = free_port()
@@ -72,7 +72,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.command = [sys.executable, "-m", "llama_mm.cli", "serve", "--model", str(model_dir), "--dtype", dtype,
                         "--port", str(self.port), "--max-batch", str(max_batch), "--kv-cache-mb", str(kv_cache_mb),
-                        "--max-queue", "1024", "--log-level", "warning"]
+                        "--max-queue", "1024", "--image-cache-mb", str(image_cache_mb), "--log-level", "warning"]
         self.proc = subprocess.Popen(self.command, env=env)
         import httpx
 
@@ -184,18 +184,24 @@ def main():
     ap.add_argument("--hf-batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-mb", type=int, default=2048)
+    ap.add_argument("--images", default="distinct", choices=["distinct", "shared"],
+                    help="distinct: a new image per request (each runs the vision tower once); shared: every request "
+                         "asks about the same image (after the first, the server's and Generator's image caches "
+                         "skip the vision tower: the batching engine alone; transformers still encodes it)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_cpu.json"))
     args = ap.parse_args()
     import llama_mm
+    from llama_mm import image_cache
     from serve_server import data_url
 
     results = {"load_average_1m_before": round(os.getloadavg()[0], 2),
                **run_header(__file__),
                "model": {"text": TEXT, "vision": VISION, "dtype": args.dtype, "images": "one 560x560 image (1 tile) "
-                         "per request", "new_tokens": args.new_tokens, "greedy": True},
+                         "per request" + (", the same for all" if args.images == "shared" else ", a new one each"),
+                         "new_tokens": args.new_tokens, "greedy": True},
                "read_bandwidth": read_bandwidth()}
     n_max = max(args.concurrency)
-    imgs = images(n_max)
+    imgs = images(n_max) if args.images == "distinct" else images(1) * n_max
     openai_msgs = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(im)}},
                                                  {"type": "text", "text": PROMPT.format(i=i)}]}]
                    for i, im in enumerate(imgs)]
@@ -206,7 +212,9 @@ def main():
         from transformers import MllamaForConditionalGeneration
 
         dtype = getattr(torch, args.dtype)
-        gen = llama_mm.Generator(tmp, dtype=args.dtype)
+        # distinct images: no image cache anywhere (a wave must not reuse an earlier wave's encodings)
+        cache_mb = 0 if args.images == "distinct" else image_cache.DEFAULT_MB
+        gen = llama_mm.Generator(tmp, dtype=args.dtype, image_cache_mb=cache_mb)
         hf = MllamaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).eval()
         prompt_tokens = gen.processor(images=[[imgs[0]]], text=[gen.processor.apply_chat_template(
             template_msgs[0], add_generation_prompt=True)])["input_ids"].shape[1]
@@ -218,7 +226,7 @@ def main():
         results["bytes_per_decode_step"] = {"weights": weights, "per_request_kv": per_request}
         results["read_bandwidth_limit_tokens_per_s"] = {
             f"b{c}": round(c * bandwidth / (weights + c * per_request), 2) for c in args.concurrency}
-        server = Server(tmp, args.dtype, max_batch=n_max, kv_cache_mb=args.kv_cache_mb)
+        server = Server(tmp, args.dtype, max_batch=n_max, kv_cache_mb=args.kv_cache_mb, image_cache_mb=cache_mb)
         results["server_command"] = " ".join(server.command)
         runs: dict[str, list] = {}
 

@@ -229,10 +229,20 @@ def test_small_pool_queues_and_completes(setup):
     try:
         assert engine.stats()["kv_blocks_total"] == 10
         alone = serve_alone(engine, reqs)
-        seen = []
+        seen, held, go = [], threading.Event(), threading.Event()
+
+        def hold(c):  # the engine thread waits here until all 8 are queued: they compete whatever the timing
+            held.set()
+            assert go.wait(TIMEOUT)
+
+        blocker = submit(engine, dict(inputs=random_inputs(ref, seq=4, seed=79, with_image=False), n=1),
+                         Collector(on_token=hold))
+        assert held.wait(TIMEOUT)
         collectors = [Collector(engine, on_token=lambda c: seen.append(engine.stats())) for _ in reqs]
         for r, c in zip(reqs, collectors):
             submit(engine, r, c)
+        go.set()
+        blocker.wait()
         together = [c.wait() for c in collectors]
         final = engine.stats()
     finally:

@@ -5,7 +5,8 @@
     ...
     engine.close()
 
-A request's vision tower runs in the caller's thread (submit); an engine thread drives the native scheduler
+A request's vision tower runs in the caller's thread (submit), one request's images at a time across threads (on a
+few cores, concurrent encodings would only take turns and crowd out the decode steps); an engine thread drives the native scheduler
 (`llama_mm._C.Scheduler`, cpp/engine/scheduler.h) step by step with the GIL released, and calls each request's
 on_event from that thread, in order: one TokenEvent per generated token, then exactly one FinishEvent. A request's
 tokens do not depend on the other requests in the batch (batch-invariant kernels), so greedy output served among
@@ -85,6 +86,7 @@ class BatchEngine:
         self.max_queue = _positive_int("max_queue", max_queue)
         self.model = model
         self.image_cache = ImageCache.from_mb(image_cache_mb)  # requests resending an image skip the vision tower
+        self._vision_lock = threading.Lock()
         self._engine = Engine(model)  # shares the model's weight tensors
         self._native = native_module().Scheduler(self._engine.native, max_batch, float(kv_cache_mb), block_size,
                                                  prefill_chunk)
@@ -120,7 +122,8 @@ class BatchEngine:
             raise ValueError("inputs['input_ids'] must be a [1, T] tensor (one prompt per request), got "
                              f"{None if ids is None else tuple(getattr(ids, 'shape', ()))}")
         self._check_fits(int(ids.shape[1]), max_new_tokens, 0)  # the context limit, before the vision tower
-        ids, mask, vision, cross, rows = request_tensors(self.model, inputs, self.image_cache)
+        with self._vision_lock:  # one image encoding at a time, so the decode steps keep their share of the cores
+            ids, mask, vision, cross, rows = request_tensors(self.model, inputs, self.image_cache)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
         keep = mask[0].bool()  # a single prompt: drop any padding

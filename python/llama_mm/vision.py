@@ -125,30 +125,29 @@ def attend_with_padding(q, k, v, pad) -> torch.Tensor:
 
     transformers (and Meta's reference) mask only padding-to-padding pairs (its additive finfo.min mask is the outer
     product of the padding indicator): real queries see every token, padding queries see only real tokens (all
-    tokens, uniformly, when the whole image is padding). So real queries take mask-free attention and only the
-    padding queries are recomputed with their keys masked: the same numbers without a [S, S] mask per image."""
-    out = F.scaled_dot_product_attention(q, k, v)
+    tokens, uniformly, when the whole image is padding). So the real queries take mask-free attention and the
+    padding queries attention with their keys masked, each row computed once: the same numbers without an [S, S]
+    mask per image (a 1-tile image pads 3 of its 4 tiles, so most rows are padding)."""
     if not bool(pad.any()):
-        return out
-    differentiable = torch.is_grad_enabled() and q.requires_grad
-    if bool((pad == pad[:1]).all()):  # every image pads the same tokens (e.g. all tiles full): one batched call
-        rows = pad[0].nonzero().squeeze(1)
-        mask = torch.zeros(pad.shape[1], dtype=q.dtype, device=q.device).masked_fill(pad[0], torch.finfo(q.dtype).min)
-        sub = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask.view(1, 1, 1, -1))  # (BN, H, rows, D)
-        return out.index_copy(2, rows, sub) if differentiable else out.index_copy_(2, rows, sub)
-    rows_out = []
-    for b in range(q.shape[0]):
-        rows = pad[b].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            rows_out.append(out[b])
-            continue
-        mask = torch.zeros(pad.shape[1], dtype=q.dtype, device=q.device).masked_fill(pad[b], torch.finfo(q.dtype).min)
-        sub = F.scaled_dot_product_attention(q[b, :, rows], k[b], v[b], attn_mask=mask)  # (H, rows, D)
-        if differentiable:
-            rows_out.append(out[b].index_copy(1, rows, sub))
-        else:
-            out[b].index_copy_(1, rows, sub)  # no copy of the whole output when nothing needs gradients
-    return torch.stack(rows_out) if differentiable else out
+        return F.scaled_dot_product_attention(q, k, v)
+    if bool((pad == pad[:1]).all()):  # every image pads the same tokens (e.g. one image): batched calls
+        return _split_rows(q, k, v, pad[0], dim=2)
+    return torch.stack([_split_rows(q[b], k[b], v[b], pad[b], dim=1) for b in range(q.shape[0])])
+
+
+def _split_rows(q, k, v, pad, dim: int) -> torch.Tensor:
+    """Attention for q [..., S, D] (S at `dim`) against k, v: rows where pad [S] is False unmasked, the others with
+    the padding keys masked."""
+    real, rows = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = torch.zeros(1, pad.shape[0], dtype=q.dtype, device=q.device).masked_fill(pad, torch.finfo(q.dtype).min)
+    out_real = F.scaled_dot_product_attention(q.index_select(dim, real), k, v)
+    out_pad = F.scaled_dot_product_attention(q.index_select(dim, rows), k, v, attn_mask=mask)
+    out = q.new_empty(q.shape)
+    if torch.is_grad_enabled() and q.requires_grad:
+        return out.index_copy(dim, real, out_real).index_copy(dim, rows, out_pad)
+    return out.index_copy_(dim, real, out_real).index_copy_(dim, rows, out_pad)
 
 
 class VisionModel(nn.Module):
