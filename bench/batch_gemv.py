@@ -42,10 +42,10 @@ def cpu_model() -> str:
 
 
 def base_kernel():
-    """The previous gemv, compiled from git revision BASE in namespace llama_mm_base."""
+    """The previous gemv, compiled from git revision BASE in namespace llama_mm::cpu::base."""
     src = subprocess.run(["git", "show", f"{BASE}:cpp/kernels/gemv.cpp"], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.replace("namespace llama_mm::cpu {", "namespace llama_mm_base {")
-    src += '\n#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &llama_mm_base::gemv); }\n'
+                         text=True).stdout.replace("namespace llama_mm::cpu {", "namespace llama_mm::cpu::base {")
+    src += '\n#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &llama_mm::cpu::base::gemv); }\n'
     isa = "AVX512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
     return cpp_extension.load_inline(
         "llama_mm_base_gemv", [src], extra_include_paths=[str(ROOT / "cpp" / "kernels")],
