@@ -59,10 +59,10 @@ def submit(engine, req, collector=None):
     return c
 
 
-def serve_together(engine, reqs, blocker_inputs):
-    """All submitted while the engine thread is held (inside a one-token blocker request's callback), so they join
-    at one step whatever the timing; also returns the most requests seen running at one step."""
-    held, go, peak = threading.Event(), threading.Event(), []
+def while_held(engine, blocker_inputs, queue):
+    """Calls queue() while the engine thread is held (inside a one-token blocker request's callback), so what it
+    submits joins at one step whatever the timing; returns what queue() returned once the blocker is done."""
+    held, go = threading.Event(), threading.Event()
 
     def hold(c):
         held.set()
@@ -70,10 +70,20 @@ def serve_together(engine, reqs, blocker_inputs):
 
     blocker = submit(engine, dict(inputs=blocker_inputs, n=1), Collector(on_token=hold))
     assert held.wait(TIMEOUT)
-    collectors = [submit(engine, r, Collector(on_token=lambda c: peak.append(engine.stats()["running"])))
-                  for r in reqs]
-    go.set()
+    try:
+        queued = queue()
+    finally:
+        go.set()
     blocker.wait()
+    return queued
+
+
+def serve_together(engine, reqs, blocker_inputs):
+    """All submitted while the engine thread is held (while_held); also returns the most requests seen running at
+    one step."""
+    peak = []
+    collectors = while_held(engine, blocker_inputs, lambda: [
+        submit(engine, r, Collector(on_token=lambda c: peak.append(engine.stats()["running"]))) for r in reqs])
     return [c.wait() for c in collectors], max(peak)
 
 
@@ -229,20 +239,10 @@ def test_small_pool_queues_and_completes(setup):
     try:
         assert engine.stats()["kv_blocks_total"] == 10
         alone = serve_alone(engine, reqs)
-        seen, held, go = [], threading.Event(), threading.Event()
-
-        def hold(c):  # the engine thread waits here until all 8 are queued: they compete whatever the timing
-            held.set()
-            assert go.wait(TIMEOUT)
-
-        blocker = submit(engine, dict(inputs=random_inputs(ref, seq=4, seed=79, with_image=False), n=1),
-                         Collector(on_token=hold))
-        assert held.wait(TIMEOUT)
-        collectors = [Collector(engine, on_token=lambda c: seen.append(engine.stats())) for _ in reqs]
-        for r, c in zip(reqs, collectors):
-            submit(engine, r, c)
-        go.set()
-        blocker.wait()
+        seen = []
+        # all 8 queued before the engine moves on, so they compete for the pool whatever the timing
+        collectors = while_held(engine, random_inputs(ref, seq=4, seed=79, with_image=False), lambda: [
+            submit(engine, r, Collector(engine, on_token=lambda c: seen.append(engine.stats()))) for r in reqs])
         together = [c.wait() for c in collectors]
         final = engine.stats()
     finally:

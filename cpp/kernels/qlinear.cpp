@@ -93,15 +93,7 @@ void rows_scalar(const QMat<SC>& a, const int64_t* n, int64_t m0) {
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-
-// The AVX2 path takes 32 stored values at a time (group sizes that are multiples of 32). int4: their 16 bytes are
-// split into low nibbles (even k) and high nibbles (odd k), and vpshufb spreads 8 bytes into the 8 int32 lanes of a
-// vector; that gives the values in the order k0 + 0, 2, .., 14 | 16, 18, .., 30 | 1, 3, .., 15 | 17, .., 31, so x is
-// laid out in that order once per call (x_order_32 below) instead of shuffling every weight. int8: the 32 bytes in
-// order, 8 at a time zero-extended. Three vector operations per 8 values (spread, convert, FMA): on AVX2 machines
-// this loop, not memory, is what bounds the int4 kernel, so it has no other work in it.
-constexpr int64_t kChunk32 = 32;
+constexpr int64_t kChunk32 = 32;  // values per step of the AVX2 loop
 
 // Values 2e (e < 16) then 2e + 1 of every 32-value chunk: the order the int4 chunk loader produces.
 inline void x_order_32(const float* x, float* out, int64_t K) {
@@ -111,6 +103,15 @@ inline void x_order_32(const float* x, float* out, int64_t K) {
       out[c + 16 + e] = x[c + 2 * e + 1];
     }
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// The AVX2 path takes 32 stored values at a time (group sizes that are multiples of 32). int4: their 16 bytes are
+// split into low nibbles (even k) and high nibbles (odd k), and vpshufb spreads 8 bytes into the 8 int32 lanes of a
+// vector; that gives the values in the order k0 + 0, 2, .., 14 | 16, 18, .., 30 | 1, 3, .., 15 | 17, .., 31, so x is
+// laid out in that order once per call (x_order_32 above) instead of shuffling every weight. int8: the 32 bytes in
+// order, 8 at a time zero-extended. Three vector operations per 8 values (spread, convert, FMA): on AVX2 machines
+// this loop, not memory, is what bounds the int4 kernel, so it has no other work in it.
 
 // Stored values k .. k+31 of a packed row (k a multiple of 32) as four float vectors, in x's kernel order.
 template <int BITS>
@@ -128,8 +129,10 @@ inline void load32(const uint8_t* row, int64_t k, __m256 w[4]) {
     w[2] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, low_bytes));
     w[3] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, high_bytes));
   } else {
-    for (int i = 0; i < 4; ++i)
-      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8 * i))));
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8 * i));
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    }
   }
 }
 
@@ -255,13 +258,11 @@ void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& sc
   }
   const float* xk = xp;  // x as the row loops read it
   at::Tensor x_ordered;
-#if defined(__AVX2__) && defined(__FMA__)
   if (bits == 4 && vector_path(gs)) {
     x_ordered = at::empty({M, K}, x2.options());  // [M, K], each 32-value chunk even k first
     for (int64_t m = 0; m < M; ++m) x_order_32(xp + m * K, x_ordered.data_ptr<float>() + m * K, K);
     xk = x_ordered.data_ptr<float>();
   }
-#endif
   const QMat<SC> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
                    scale.data_ptr<SC>(), zero, K, G, gs, N, xk, xs, y.data_ptr<float>()};
   const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task

@@ -6,11 +6,11 @@
     engine.close()
 
 A request's vision tower runs in the caller's thread (submit), one request's images at a time across threads (on a
-few cores, concurrent encodings would only take turns and crowd out the decode steps); an engine thread drives the native scheduler
-(`llama_mm._C.Scheduler`, cpp/engine/scheduler.h) step by step with the GIL released, and calls each request's
-on_event from that thread, in order: one TokenEvent per generated token, then exactly one FinishEvent. A request's
-tokens do not depend on the other requests in the batch (batch-invariant kernels), so greedy output served among
-others is the output served alone.
+few cores, concurrent encodings would only take turns and crowd out the decode steps); an engine thread drives the
+native scheduler (`llama_mm._C.Scheduler`, cpp/engine/scheduler.h) step by step with the GIL released, and calls
+each request's on_event from that thread, in order: one TokenEvent per generated token, then exactly one
+FinishEvent. A request's tokens do not depend on the other requests in the batch (batch-invariant kernels), so
+greedy output served among others is the output served alone.
 """
 from __future__ import annotations
 

@@ -131,23 +131,23 @@ def attend_with_padding(q, k, v, pad) -> torch.Tensor:
     if not bool(pad.any()):
         return F.scaled_dot_product_attention(q, k, v)
     if bool((pad == pad[:1]).all()):  # every image pads the same tokens (e.g. one image): batched calls
-        return _split_rows(q, k, v, pad[0], dim=2)
-    return torch.stack([_split_rows(q[b], k[b], v[b], pad[b], dim=1) for b in range(q.shape[0])])
+        return _split_rows(q, k, v, pad[0])
+    return torch.stack([_split_rows(q[b], k[b], v[b], pad[b]) for b in range(q.shape[0])])
 
 
-def _split_rows(q, k, v, pad, dim: int) -> torch.Tensor:
-    """Attention for q [..., S, D] (S at `dim`) against k, v: rows where pad [S] is False unmasked, the others with
-    the padding keys masked."""
+def _split_rows(q, k, v, pad) -> torch.Tensor:
+    """Attention for q [..., S, D] against k, v: rows where pad [S] is False unmasked, the others with the padding
+    keys masked."""
     real, rows = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
     if rows.numel() == 0:
         return F.scaled_dot_product_attention(q, k, v)
     mask = torch.zeros(1, pad.shape[0], dtype=q.dtype, device=q.device).masked_fill(pad, torch.finfo(q.dtype).min)
-    out_real = F.scaled_dot_product_attention(q.index_select(dim, real), k, v)
-    out_pad = F.scaled_dot_product_attention(q.index_select(dim, rows), k, v, attn_mask=mask)
+    out_real = F.scaled_dot_product_attention(q.index_select(-2, real), k, v)
+    out_pad = F.scaled_dot_product_attention(q.index_select(-2, rows), k, v, attn_mask=mask)
     out = q.new_empty(q.shape)
     if torch.is_grad_enabled() and q.requires_grad:
-        return out.index_copy(dim, real, out_real).index_copy(dim, rows, out_pad)
-    return out.index_copy_(dim, real, out_real).index_copy_(dim, rows, out_pad)
+        return out.index_copy(-2, real, out_real).index_copy(-2, rows, out_pad)
+    return out.index_copy_(-2, real, out_real).index_copy_(-2, rows, out_pad)
 
 
 class VisionModel(nn.Module):

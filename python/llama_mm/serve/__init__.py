@@ -16,7 +16,8 @@ MAX_BODY_BYTES = 64 * 2**20  # --max-body-bytes default
 
 
 def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, max_batch=16, kv_cache_mb=512,
-                  max_queue=256, image_cache_mb=image_cache.DEFAULT_MB, limits: MediaLimits | None = None, model_id: str | None = None):
+                  max_queue=256, image_cache_mb=image_cache.DEFAULT_MB, limits: MediaLimits | None = None,
+                  model_id: str | None = None):
     """Loads the checkpoint (None: the built-in model) and starts a BatchEngine over it: a Service."""
     from ..batching import BatchEngine
     from ..generator import Generator
