@@ -66,7 +66,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const std::unordered_map<std::string, at::Tensor>& weights, int64_t hidden_size,
                        int64_t num_layers, int64_t num_heads, int64_t num_kv_heads, int64_t vocab_size,
                        double rms_norm_eps, int64_t max_positions, std::vector<int64_t> cross_layers,
-                       at::Tensor inv_freq) {
+                       at::Tensor inv_freq, bool int8_activations) {
              llama_mm::EngineConfig cfg;
              cfg.hidden_size = hidden_size;
              cfg.num_layers = num_layers;
@@ -76,11 +76,12 @@ PYBIND11_MODULE(_C, m) {
              cfg.rms_norm_eps = rms_norm_eps;
              cfg.max_positions = max_positions;
              cfg.cross_attention_layers = std::move(cross_layers);
+             cfg.int8_activations = int8_activations;
              return std::make_unique<llama_mm::Engine>(weights, cfg, inv_freq);
            }),
            py::arg("weights"), py::arg("hidden_size"), py::arg("num_layers"), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("vocab_size"), py::arg("rms_norm_eps"), py::arg("max_positions"),
-           py::arg("cross_attention_layers"), py::arg("inv_freq"))
+           py::arg("cross_attention_layers"), py::arg("inv_freq"), py::arg("int8_activations") = false)
       .def("generate",
            [](llama_mm::Engine& e, const at::Tensor& ids, const at::Tensor& mask,
               const std::optional<at::Tensor>& vision, const std::optional<at::Tensor>& cross,

@@ -141,13 +141,16 @@ def mixed_requests(ref):
     return reqs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_invariance(setup, dtype):
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "int4-int8-activations"])
+def test_batch_invariance(setup, variant):
     """Each request's tokens (greedy and sampled) among 11 others, max_batch 8 and 4-token prefill chunks (so
-    prefill interleaves with decode and batches change size every step), equal its tokens served alone."""
+    prefill interleaves with decode and batches change size every step), equal its tokens served alone; also with
+    int4 weights times int8 activations (qlinear_a8)."""
     ref, ck, model = setup
-    if dtype != torch.float32:
-        model = llama_mm.load_model(ck, dtype=dtype)
+    if variant == "bfloat16":
+        model = llama_mm.load_model(ck, dtype=torch.bfloat16)
+    elif variant == "int4-int8-activations":
+        model = llama_mm.load_model(ck, quantize="int4", group_size=32, activations="int8")
     reqs = mixed_requests(ref)
     engine = BatchEngine(model, max_batch=8, prefill_chunk=4)
     try:

@@ -48,11 +48,12 @@ void load_quantized(Linear& lin, const WeightMap& w, const std::string& module) 
 
 }  // namespace
 
-Linear Linear::load(const WeightMap& w, const std::string& module) {
+Linear Linear::load(const WeightMap& w, const std::string& module, bool int8_activations) {
   Linear lin;
   if (w.count(module + ".weight_packed")) {
     TORCH_CHECK_VALUE(!w.count(module + ".weight"), "Engine: ", module, " has both a dense weight and weight_packed");
     load_quantized(lin, w, module);
+    lin.int8_activations = int8_activations;
   } else {
     lin.w = get_weight(w, module + ".weight");
     TORCH_CHECK_VALUE(lin.w.dim() == 2, "Engine: ", module, ".weight must be 2-D [out, in], got ", lin.w.sizes());
@@ -73,7 +74,7 @@ Linear Linear::load(const WeightMap& w, const std::string& module) {
 }
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
-  auto y = quantized() ? dispatch::qlinear(x, packed, scale, zero, bits, group_size) : dispatch::matmul_t(x, w);
+  auto y = quantized() ? dispatch::qlinear(x, packed, scale, zero, bits, group_size, int8_activations) : dispatch::matmul_t(x, w);
   if (!lora_a.defined()) return y;
   auto xf = x.to(lora_a.scalar_type());
   return y + dispatch::matmul_t(dispatch::matmul_t(xf, lora_a), lora_b).to(y.scalar_type());

@@ -21,14 +21,16 @@ struct Linear {
   // dtype), zero int8 [out, in / group] or undefined (symmetric)
   at::Tensor packed, scale, zero;
   int64_t bits = 0, group_size = 0;
+  bool int8_activations = false;  // quantized: x as int8 per 32 values, integer products (llama_mm::qlinear_a8)
   int64_t in = 0, out = 0;
   at::Tensor lora_a, lora_b;  // [r, in], [out, r] (B already multiplied by the adapter's scaling), float32
 
   // `module` without ".weight" (e.g. "language_model.model.layers.0.self_attn.q_proj"). Dense: `<module>.weight`.
   // Quantized: `<module>.weight_packed`, `.weight_scale`, `.weight_shape` (int64 [2] = out, in) and, when
   // asymmetric, `.weight_zero`; bits = 32 * packed.size(1) / in, group = in / scale.size(1). Picks up
-  // `<module>.lora_A.weight` / `<module>.lora_B.weight` when the map holds an unmerged adapter.
-  static Linear load(const WeightMap& w, const std::string& module);
+  // `<module>.lora_A.weight` / `<module>.lora_B.weight` when the map holds an unmerged adapter. int8_activations
+  // applies to a quantized weight only.
+  static Linear load(const WeightMap& w, const std::string& module, bool int8_activations = false);
 
   // x [..., in] -> [..., out] in x's dtype (the LoRA update in float32, rounded once, as lora.LoraLinear does).
   at::Tensor operator()(const at::Tensor& x) const;

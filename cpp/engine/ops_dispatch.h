@@ -41,12 +41,16 @@ inline at::Tensor cross_attention(const at::Tensor& q, const at::Tensor& k, cons
                                 const std::optional<at::Tensor>&)>("llama_mm::cross_attention");
   return h.call(q, k, v, mask);
 }
-// Weight-only quantized projection (python/llama_mm/quant/layers.py's layout): x [..., K] -> [..., N] in x's dtype.
+// Quantized projection (python/llama_mm/quant/layers.py's layout): x [..., K] -> [..., N] in x's dtype; with
+// int8_activations, x is quantized to int8 per 32 values and multiplied in integers (llama_mm::qlinear_a8).
 inline at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                          const at::Tensor& zero, int64_t bits, int64_t group_size) {
-  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, int64_t, int64_t)>("llama_mm::qlinear");
-  return h.call(x, packed, scale, zero.defined() ? std::optional<at::Tensor>(zero) : std::nullopt, bits, group_size);
+                          const at::Tensor& zero, int64_t bits, int64_t group_size, bool int8_activations) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        int64_t, int64_t);
+  static auto weight_only = op<Fn>("llama_mm::qlinear");
+  static auto a8 = op<Fn>("llama_mm::qlinear_a8");
+  const auto z = zero.defined() ? std::optional<at::Tensor>(zero) : std::nullopt;
+  return (int8_activations ? a8 : weight_only).call(x, packed, scale, z, bits, group_size);
 }
 
 inline at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,

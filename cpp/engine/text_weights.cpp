@@ -17,7 +17,10 @@ TextWeights::TextWeights(const WeightMap& w, EngineConfig config, at::Tensor inv
   const std::string p = "language_model.model.";
   embed = get_weight(w, p + "embed_tokens.weight");
   final_norm = get_weight(w, p + "norm.weight");
-  lm_head = Linear::load(w, "language_model.lm_head");
+  TORCH_CHECK_VALUE(!cfg.int8_activations || embed.device().is_cpu(),
+                    "Engine: int8 activations (llama_mm::qlinear_a8) run on the CPU only, the weights are on ",
+                    embed.device());
+  lm_head = Linear::load(w, "language_model.lm_head", cfg.int8_activations);
   TORCH_CHECK_VALUE(embed.dim() == 2 && embed.size(1) == cfg.hidden_size && lm_head.out_features() == cfg.vocab_size &&
                         lm_head.in_features() == cfg.hidden_size,
                     "Engine: embedding ", embed.sizes(), " or lm_head [", lm_head.out_features(), ", ",
@@ -34,13 +37,13 @@ TextWeights::TextWeights(const WeightMap& w, EngineConfig config, at::Tensor inv
     const std::string a = layer.cross ? l + "cross_attn." : l + "self_attn.";
     layer.input_norm = get_weight(w, l + "input_layernorm.weight");
     layer.post_norm = get_weight(w, l + "post_attention_layernorm.weight");
-    layer.wq = Linear::load(w, a + "q_proj");
-    layer.wk = Linear::load(w, a + "k_proj");
-    layer.wv = Linear::load(w, a + "v_proj");
-    layer.wo = Linear::load(w, a + "o_proj");
-    layer.w_gate = Linear::load(w, l + "mlp.gate_proj");
-    layer.w_up = Linear::load(w, l + "mlp.up_proj");
-    layer.w_down = Linear::load(w, l + "mlp.down_proj");
+    layer.wq = Linear::load(w, a + "q_proj", cfg.int8_activations);
+    layer.wk = Linear::load(w, a + "k_proj", cfg.int8_activations);
+    layer.wv = Linear::load(w, a + "v_proj", cfg.int8_activations);
+    layer.wo = Linear::load(w, a + "o_proj", cfg.int8_activations);
+    layer.w_gate = Linear::load(w, l + "mlp.gate_proj", cfg.int8_activations);
+    layer.w_up = Linear::load(w, l + "mlp.up_proj", cfg.int8_activations);
+    layer.w_down = Linear::load(w, l + "mlp.down_proj", cfg.int8_activations);
     for (const auto* t : {&layer.input_norm, &layer.post_norm})
       TORCH_CHECK_VALUE(t->device() == embed.device() && t->scalar_type() == embed.scalar_type(),
                         "Engine: layer ", i, " norms must share the embedding's device and dtype");

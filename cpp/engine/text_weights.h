@@ -16,6 +16,7 @@ struct EngineConfig {
   double rms_norm_eps = 1e-5;
   int64_t max_positions = 0;
   std::vector<int64_t> cross_attention_layers;
+  bool int8_activations = false;  // quantized projections take x as int8 per 32 values (load_model's activations)
   int64_t head_dim() const { return hidden_size / num_heads; }
 };
 

@@ -80,33 +80,33 @@ inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, c1
 // [N, K/group_size] or none; bits 4 or 8; group_size divides K.
 inline void check_qlinear_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
-                               c10::DeviceType type) {
-  check_float_dtype(x, "qlinear", "x");
-  TORCH_CHECK(x.dim() >= 1, "llama_mm.qlinear: x must have shape [..., K], got a 0-dim tensor");
-  TORCH_CHECK(bits == 4 || bits == 8, "llama_mm.qlinear: bits must be 4 or 8, got ", bits);
+                               c10::DeviceType type, const char* op = "qlinear") {
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, "llama_mm.", op, ": x must have shape [..., K], got a 0-dim tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "llama_mm.", op, ": bits must be 4 or 8, got ", bits);
   const int64_t K = x.size(-1);
-  TORCH_CHECK(K > 0, "llama_mm.qlinear: x must have K > 0 input features, got shape ", x.sizes());
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "llama_mm.qlinear: group_size must divide K = ", K,
+  TORCH_CHECK(K > 0, "llama_mm.", op, ": x must have K > 0 input features, got shape ", x.sizes());
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "llama_mm.", op, ": group_size must divide K = ", K,
               " (the last dim of x ", x.sizes(), "), got ", group_size);
-  TORCH_CHECK(K * bits % 32 == 0, "llama_mm.qlinear: K = ", K, " must be a multiple of ", 32 / bits,
+  TORCH_CHECK(K * bits % 32 == 0, "llama_mm.", op, ": K = ", K, " must be a multiple of ", 32 / bits,
               " (32 / bits) to pack into int32 words");
-  TORCH_CHECK(packed.scalar_type() == at::kInt, "llama_mm.qlinear: packed must be int32, got ",
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "llama_mm.", op, ": packed must be int32, got ",
               packed.scalar_type());
-  TORCH_CHECK(packed.dim() == 2 && packed.size(1) == K * bits / 32, "llama_mm.qlinear: packed must have shape [N, ",
+  TORCH_CHECK(packed.dim() == 2 && packed.size(1) == K * bits / 32, "llama_mm.", op, ": packed must have shape [N, ",
               K * bits / 32, "] (K * bits / 32 for K = ", K, ", bits = ", bits, "), got ", packed.sizes());
   const int64_t N = packed.size(0), G = K / group_size;
-  check_float_dtype(scale, "qlinear", "scale");
+  check_float_dtype(scale, op, "scale");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
-              "llama_mm.qlinear: scale must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
+              "llama_mm.", op, ": scale must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
               scale.sizes());
-  check_device(packed, x, type, "qlinear", "packed", "x");
-  check_device(scale, x, type, "qlinear", "scale", "x");
+  check_device(packed, x, type, op, "packed", "x");
+  check_device(scale, x, type, op, "scale", "x");
   if (zero.has_value()) {
-    TORCH_CHECK(zero->scalar_type() == at::kChar, "llama_mm.qlinear: zero must be int8, got ", zero->scalar_type());
+    TORCH_CHECK(zero->scalar_type() == at::kChar, "llama_mm.", op, ": zero must be int8, got ", zero->scalar_type());
     TORCH_CHECK(zero->dim() == 2 && zero->size(0) == N && zero->size(1) == G,
-                "llama_mm.qlinear: zero must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
+                "llama_mm.", op, ": zero must have shape [N, K / group_size] = [", N, ", ", G, "], got ",
                 zero->sizes());
-    check_device(*zero, x, type, "qlinear", "zero", "x");
+    check_device(*zero, x, type, op, "zero", "x");
   }
 }
 

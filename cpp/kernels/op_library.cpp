@@ -6,6 +6,7 @@
 #include "gemv.h"
 #include "ops.h"
 #include "qlinear.h"
+#include "qlinear_a8.h"
 #include "paged_attention.h"
 
 TORCH_LIBRARY(llama_mm, m) {
@@ -18,6 +19,7 @@ TORCH_LIBRARY(llama_mm, m) {
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
+  m.def("qlinear_a8(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
   m.def(
       "paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor lengths) -> Tensor");
 }
@@ -30,5 +32,6 @@ TORCH_LIBRARY_IMPL(llama_mm, CPU, m) {
   m.impl("cross_attention", &llama_mm::cpu::cross_attention);
   m.impl("gemv", &llama_mm::cpu::gemv);
   m.impl("qlinear", &llama_mm::cpu::qlinear);
+  m.impl("qlinear_a8", &llama_mm::cpu::qlinear_a8);
   m.impl("paged_attention", &llama_mm::cpu::paged_attention);
 }

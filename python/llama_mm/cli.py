@@ -7,6 +7,12 @@ import time
 from pathlib import Path
 
 
+def _activations_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", default="float", choices=["float", "int8"],
+                   help="with quantized weights: int8 multiplies them by int8 activations (per 32 values, integer "
+                        "products: faster on the CPU, not exact); float (default) keeps float32 products")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
@@ -21,6 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the text decoder's linear weights on load (weight-only, symmetric)")
     p.add_argument("--group-size", type=int, default=128, help="inputs per quantization scale (default 128)")
     p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: quantize lm_head too")
+    _activations_arg(p)
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +57,7 @@ def _load_generator(a):
     t = time.perf_counter()
     gen = Generator(a.model, device=a.device, dtype=a.dtype, progress=True, adapter=getattr(a, "adapter", None),
                     merge_adapter=getattr(a, "merge_adapter", False), quantize=a.quantize, group_size=a.group_size,
-                    quantize_lm_head=a.quantize_lm_head)
+                    quantize_lm_head=a.quantize_lm_head, activations=a.activations)
     return gen, time.perf_counter() - t
 
 
@@ -201,6 +208,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the text weights on load")
+    _activations_arg(p)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache pool (self- and cross-attention)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")

@@ -22,13 +22,16 @@ def native_module():
 
 class Engine:
     def __init__(self, model: MllamaModel):
+        from .quant.layers import int8_activations
+
         _C = native_module()
         self.model = model
         t = model.cfg.text
         weights = engine_weights(model)
         self.native = _C.Engine(weights, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
                                 t.num_key_value_heads, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings,
-                                list(t.cross_attention_layers), model.language_model.model.inv_freq)
+                                list(t.cross_attention_layers), model.language_model.model.inv_freq,
+                                int8_activations(model))
 
     def run(self, inputs: dict, max_new_tokens: int, params: SamplingParams | None = None,
             stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None,

@@ -44,17 +44,18 @@ class Generator:
     image_cache_mb: memory budget (MiB) of the cache of encoded images (LRU; 0 disables it): a chat that resends
     its image, or a batch that repeats one, skips the vision tower. `self.image_cache.stats()` counts hits.
     quantize: "int8" / "int4" quantizes the text decoder's linear weights on load (group_size inputs per scale;
-    quantize_lm_head=True quantizes lm_head too); see `load_model`. A quantized base runs adapters unmerged only.
+    quantize_lm_head=True quantizes lm_head too; activations="int8" multiplies them by int8 activations, faster on
+    the CPU, not exact); see `load_model`. A quantized base runs adapters unmerged only.
     """
 
     def __init__(self, model_dir: str | Path | None = None, device=None, dtype=None, progress: bool = False,
                  adapter: str | Path | None = None, merge_adapter: bool = True,
                  image_cache_mb: float = image_cache.DEFAULT_MB, quantize: str | None = None,
-                 group_size: int | None = 128, quantize_lm_head: bool = False):
+                 group_size: int | None = 128, quantize_lm_head: bool = False, activations: str = "float"):
         self.image_cache = image_cache.ImageCache.from_mb(image_cache_mb)
         self.init_text_side(model_dir)
         self.model = load_model(self.model_dir, device=device, dtype=dtype, progress=progress, quantize=quantize,
-                                group_size=group_size, quantize_lm_head=quantize_lm_head)
+                                group_size=group_size, quantize_lm_head=quantize_lm_head, activations=activations)
         if adapter is not None:
             from .lora import load_adapter, merge_lora
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import MllamaConfig
 from .quant.checkpoint import split_quantized
-from .quant.layers import install_quantized, text_linear_names
+from .quant.layers import install_quantized, set_activations, text_linear_names
 from .quant.rtn import QuantizedWeight, quantize_weight
 from .quant.scheme import QuantScheme
 from .text import CrossAttentionLayer, LanguageModel
@@ -146,7 +146,8 @@ def quantize_scheme(quantize: str | None, group_size: int | None) -> QuantScheme
 
 
 def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = False, quantize: str | None = None,
-               group_size: int | None = 128, quantize_lm_head: bool = False) -> MllamaModel:
+               group_size: int | None = 128, quantize_lm_head: bool = False,
+               activations: str = "float") -> MllamaModel:
     """Load a Hugging Face Mllama checkpoint directory (config.json + safetensors) as an `MllamaModel`.
 
     dtype: None/"auto" keeps the checkpoint's dtype (config.json's `dtype`/`torch_dtype`, else float32).
@@ -157,7 +158,11 @@ def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = 
     per `group_size` inputs, None = one per row; lm_head too with quantize_lm_head), tensor by tensor from the
     memory-mapped checkpoint, each source tensor's pages dropped once quantized. A compressed-tensors checkpoint
     (config.json with a `quantization_config`) loads its quantized layers as they are; quantize= is then an error.
-    Quantized layers are `quant.layers.QuantLinear`; everything else stays in `dtype`."""
+    Quantized layers are `quant.layers.QuantLinear`; everything else stays in `dtype`.
+
+    activations: "float" (default) multiplies the quantized weights by the activations as they are, in float32
+    (matches transformers + compressed-tensors to 1e-5); "int8" quantizes each quantized layer's input to int8 per
+    32 values and multiplies in integers, as llama.cpp's Q4_0 / Q8_0 do: faster on the CPU, not exact (CPU only)."""
     cfg = MllamaConfig.from_pretrained(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg.dtype)
@@ -168,6 +173,9 @@ def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = 
                          f"(config.json quantization_config: {cfg.quant_scheme}); load it without quantize=")
     if quantize_lm_head and scheme is None:
         raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
+    if activations == "int8" and (scheme is None and cfg.quant_scheme is None or dev.type != "cpu"):
+        raise ValueError("activations='int8' needs quantized weights (quantize='int8' / 'int4' or a "
+                         f"compressed-tensors checkpoint) on the CPU; got quantize={quantize!r}, device {dev}")
     tensors = load_checkpoint(model_dir)
     with torch.device("meta"):
         model = MllamaModel(cfg)
@@ -180,6 +188,7 @@ def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = 
     install_quantized(model, quantized, dev, dt, source)
     assign_weights(model, tensors, dev, dt, source=source, progress=progress)
     model.language_model.model.inv_freq = cfg.text.rope.inv_freq(cfg.text.head_dim).to(dev)
+    set_activations(model, activations)
     return model.requires_grad_(False).eval()
 
 

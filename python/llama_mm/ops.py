@@ -30,8 +30,9 @@ else:
 NATIVE: bool = _C is not None
 CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
 
-__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "qlinear", "rms_norm_ref",
-           "rope_ref", "silu_mul_ref", "paged_attention_ref", "qlinear_ref", "qlinear_dequantize"]
+__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "qlinear", "qlinear_a8", "rms_norm_ref",
+           "rope_ref", "silu_mul_ref", "paged_attention_ref", "qlinear_ref", "qlinear_dequantize",
+           "quantize_activations_ref", "qlinear_a8_ref"]
 
 
 # ---- references (HF formulas) ----------------------------------------------------------------------------------
@@ -69,14 +70,16 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def qlinear_dequantize(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dense float32 W [N, K] = (q - zero) * scale of a pack-quantized weight (each group's zero and scale repeated)."""
+    """Dense W [N, K] = (q - zero) * scale of a pack-quantized weight (each group's zero and scale repeated), computed
+    in `dtype`."""
     K = packed.shape[1] * 32 // bits
-    q = unpack(packed, bits, K).float()  # (N, K)
+    q = unpack(packed, bits, K).to(dtype)  # (N, K)
     if zero is not None:
-        q = q - zero.float().repeat_interleave(group_size, dim=1)
-    return q * scale.float().repeat_interleave(group_size, dim=1)
+        q = q - zero.to(dtype).repeat_interleave(group_size, dim=1)
+    return q * scale.to(dtype).repeat_interleave(group_size, dim=1)
 
 
 def qlinear_ref(
@@ -89,6 +92,33 @@ def qlinear_ref(
     """
     w = qlinear_dequantize(packed, scale, zero, bits, group_size)  # (N, K) float32
     return (x.float() @ w.T).to(x.dtype)
+
+
+ACTIVATION_BLOCK = 32  # activation values per int8 scale (cpp/kernels/qlinear_a8.h)
+
+
+def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (K a multiple of 32) -> (xq int8 [..., K], d float32 [..., K/32]): per block of 32 values
+    d = max|x| / 127 and xq = round-half-even(x / d) (0 where d = 0), in float32."""
+    xb = x.float().unflatten(-1, (-1, ACTIVATION_BLOCK))  # (..., K/32, 32)
+    d = xb.abs().amax(-1) / 127.0  # (..., K/32)
+    q = torch.where(d[..., None] > 0, (xb / d[..., None]).round(), torch.zeros_like(xb)).clamp(-127, 127)
+    return q.to(torch.int8).flatten(-2), d
+
+
+def qlinear_a8_ref(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Quantized linear with int8 activations: x quantized per 32 values (quantize_activations_ref), then
+    (d * xq) @ W.T with W = (q - zero) * scale, computed in float64 (the kernel's integer sums are exact, so this is
+    the value it rounds) -> [..., N] in x's dtype."""
+    if x.shape[-1] % ACTIVATION_BLOCK:
+        raise ValueError(f"qlinear_a8: K = {x.shape[-1]} must be a multiple of {ACTIVATION_BLOCK}")
+    xq, d = quantize_activations_ref(x)
+    xd = (xq.double().unflatten(-1, (-1, ACTIVATION_BLOCK)) * d.double()[..., None]).flatten(-2)  # (..., K)
+    w = qlinear_dequantize(packed, scale, zero, bits, group_size, torch.float64)  # (N, K)
+    return (xd @ w.T).to(x.dtype)
 def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                         lengths: torch.Tensor) -> torch.Tensor:
     """Single-query attention over a paged KV cache, row by row (softmax in float32, as HF's eager attention).
@@ -155,6 +185,17 @@ def qlinear(
     if _native_ok(x, packed, scale):
         return torch.ops.llama_mm.qlinear(x, packed, scale, zero, bits, group_size)
     return qlinear_ref(x, packed, scale, zero, bits, group_size)
+
+
+def qlinear_a8(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """y = x W^T with x quantized to int8 per 32 values and integer products (see qlinear_a8_ref); CPU kernel, the
+    reference elsewhere. x [..., K] -> [..., N] in x's dtype."""
+    if _native_ok(x, packed, scale) and x.device.type == "cpu":
+        return torch.ops.llama_mm.qlinear_a8(x, packed, scale, zero, bits, group_size)
+    return qlinear_a8_ref(x, packed, scale, zero, bits, group_size)
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     lengths: torch.Tensor) -> torch.Tensor:
     """Single-query attention over a paged KV cache (see paged_attention_ref for the shapes)."""
@@ -199,6 +240,10 @@ if NATIVE:
     def _qlinear_fake(x, packed, scale, zero, bits, group_size):
         return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
+    @torch.library.register_fake("llama_mm::qlinear_a8")
+    def _qlinear_a8_fake(x, packed, scale, zero, bits, group_size):
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
 
 def _register_reference_backward(name: str, reference, n_tensors: int) -> None:
     """Make torch.ops.llama_mm.<name> differentiable: its backward is the gradient of `reference`, recomputed.
@@ -231,9 +276,11 @@ if NATIVE:
         ctx.x_dtype, ctx.bits, ctx.group_size = x.dtype, bits, group_size
 
     def _qlinear_backward(ctx, grad):
-        """Gradient w.r.t. x only (the quantized weights are frozen): grad [..., N] @ W -> [..., K]."""
+        """Gradient w.r.t. x only (the quantized weights are frozen): grad [..., N] @ W -> [..., K]. qlinear_a8 uses
+        it too (straight through its activation rounding)."""
         packed, scale, zero = ctx.saved_tensors
         w = qlinear_dequantize(packed, scale, zero, ctx.bits, ctx.group_size)  # (N, K) float32
         return (grad.float() @ w).to(ctx.x_dtype), None, None, None, None, None
 
-    torch.library.register_autograd("llama_mm::qlinear", _qlinear_backward, setup_context=_qlinear_setup_context)
+    for _name in ("qlinear", "qlinear_a8"):
+        torch.library.register_autograd(f"llama_mm::{_name}", _qlinear_backward, setup_context=_qlinear_setup_context)

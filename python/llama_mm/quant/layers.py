@@ -8,7 +8,8 @@ symmetric). bits and group size follow from the shapes (`quant_geometry`), one r
     bits = 32 * packed.size(1) / K,     group_size = K / scale.size(1)
 
 forward is `ops.qlinear` (native kernel, or its pure-PyTorch reference): y = x W^T (+ b) with
-W = (q - zero) * scale, products and sums in float32, in x's dtype.
+W = (q - zero) * scale, products and sums in float32, in x's dtype; or, with `activations = "int8"` (load_model's
+opt-in), `ops.qlinear_a8`: x quantized to int8 per 32 values, integer products.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from .. import ops
 from .checkpoint import TEXT_LINEAR
 from .rtn import QuantizedWeight, quantize_weight
 from .scheme import SUPPORTED_BITS, QuantScheme
+
+ACTIVATIONS = ("float", "int8")  # how a QuantLinear takes its input: as is, or quantized to int8 per 32 values
 
 
 def quant_geometry(packed: torch.Tensor, scale: torch.Tensor, in_features: int, where: str) -> tuple[int, int]:
@@ -54,6 +57,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", qweight.scale)  # (N, K / group)
         self.register_buffer("weight_zero", None if qweight.zero is None else qweight.zero.to(torch.int8))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.activations = "float"  # or "int8" (set_activations)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
@@ -70,12 +74,14 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.qlinear(x, self.weight_packed, self.weight_scale, self.weight_zero, self.bits, self.group_size)
+        fn = ops.qlinear_a8 if self.activations == "int8" else ops.qlinear
+        y = fn(x, self.weight_packed, self.weight_scale, self.weight_zero, self.bits, self.group_size)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.weight_zero is None}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, symmetric={self.weight_zero is None}, bias={self.bias is not None}, "
+                f"activations={self.activations}")
 
 
 def text_linear_names(model: nn.Module, lm_head: bool = False) -> list[str]:
@@ -111,3 +117,29 @@ def install_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], d
             raise CheckpointError(f"{source}: {name}: {e}") from None
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """How every QuantLinear of `model` takes its input: "float" (as is: products in float32, the default) or
+    "int8" (quantized per 32 values, integer products: faster on CPUs, not exact). ValueError when `model` has no
+    quantized layer, a layer is not on the CPU (the int8 kernel is CPU-only) or its inputs are not a multiple of 32."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} is not supported (use one of {list(ACTIVATIONS)})")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if activations == "int8":
+        if not layers:
+            raise ValueError("activations='int8' needs quantized layers: quantize='int8' / 'int4' or a "
+                             "compressed-tensors checkpoint")
+        for name, layer in layers.items():
+            if layer.weight_packed.device.type != "cpu":
+                raise ValueError(f"activations='int8' runs on the CPU only; {name} is on {layer.weight_packed.device}")
+            if layer.in_features % ops.ACTIVATION_BLOCK:
+                raise ValueError(f"activations='int8': {name} has {layer.in_features} inputs, not a multiple of "
+                                 f"{ops.ACTIVATION_BLOCK} (activations are quantized per {ops.ACTIVATION_BLOCK})")
+    for layer in layers.values():
+        layer.activations = activations
+
+
+def int8_activations(model: nn.Module) -> bool:
+    """Whether `model`'s quantized layers take int8 activations (set_activations)."""
+    return any(isinstance(m, QuantLinear) and m.activations == "int8" for m in model.modules())

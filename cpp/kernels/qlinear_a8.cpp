@@ -1,0 +1,351 @@
+// Quantized linear layer with int8 activations (CPU), see qlinear_a8.h for the arithmetic.
+//
+// Every row of x is quantized once per call: per block of 32 values a float32 scale d and int8 values xq, laid out
+// in the order the vector loop reads the weights (below), and per weight group the float sum its zero points
+// multiply. Each weight row is then streamed once for all rows of x (one row: kStreams weight rows walked side by
+// side; more: blocks of kRowBlock rows of x per weight row) and multiplied in integers:
+//   int4, AVX2: 64 stored values (32 bytes) split into low nibbles (even k) and high nibbles (odd k); vpmaddubsw
+//     multiplies the unsigned nibbles by xq (x laid out even k then odd k per 64 values) and adds pairs into int16,
+//     the two halves are added (|sum| <= 4 * 15 * 127, no overflow), vpmaddwd makes int32 lanes: lanes 0-3 hold the
+//     first block of 32 values, lanes 4-7 the second, each multiplied by its block's d. Group sizes that are odd
+//     multiples of 32 take 32 values (one block) per step.
+//   int8, AVX2: 32 stored bytes per step, made signed (q = u - 128), vpmaddubsw(|q|, sign(xq, q)) (|pair| <= 2 *
+//     128 * 127), vpmaddwd to int32, times the block's d.
+// Every (row of x, weight row) result goes through the same operations in the same order whatever the number of
+// rows: batch invariance. Group sizes that are not a multiple of 32, and builds without AVX2, take the scalar loop
+// (same sums, integer-exact per block, in plain C++).
+#include "qlinear_a8.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "op_common.h"
+
+namespace llama_mm::cpu {
+namespace {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed int32 words are read byte by byte");
+
+constexpr int kStreams = 4;   // weight rows walked side by side at one row of x
+constexpr int kRowBlock = 4;  // rows of x per pass over a weight row
+constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kB = kActivationBlock;
+
+// The operands of one call: the packed weights and x quantized.
+template <typename SC>
+struct A8Args {
+  const uint8_t* w;  // packed weights as bytes, row n at w + n * row_bytes
+  int64_t row_bytes;
+  const SC* scale;     // [N, G]
+  const int8_t* zero;  // [N, G] or null
+  int64_t K, G, gs, N;
+  const int8_t* xq;    // [M, K], in the kernel's order (step_order)
+  const float* d;      // [M, K / 32] block scales
+  const float* xsum;   // [M, G]: sum_{k in g} d[block of k] * xq[k]
+  float* y;            // [M, N]
+};
+
+// The value the kernels multiply for stored value k of a packed row, and the offset its zero point carries:
+// int4 multiplies the unsigned nibble u = q + 8 (zero' = zero + 8), int8 the signed q = u - 128 (zero' = zero).
+template <int BITS>
+inline int32_t value_at(const uint8_t* row, int64_t k) {
+  if constexpr (BITS == 4) {
+    return (row[k >> 1] >> ((k & 1) * 4)) & 0xF;
+  } else {
+    return static_cast<int32_t>(row[k]) - 128;
+  }
+}
+template <int BITS>
+constexpr int32_t kZeroOffset = BITS == 4 ? 8 : 0;
+
+// sum_g scale[n, g] * zero'[n, g] * xsum[m, g]: the zero points' share of y[m, n].
+template <int BITS, typename SC>
+inline float zero_term(const A8Args<SC>& a, int64_t n, int64_t m) {
+  if (BITS == 8 && !a.zero) return 0.0f;
+  const SC* sc = a.scale + n * a.G;
+  const int8_t* z = a.zero ? a.zero + n * a.G : nullptr;
+  const float* xs = a.xsum + m * a.G;
+  float t = 0.0f;
+  for (int64_t g = 0; g < a.G; ++g)
+    t += static_cast<float>(sc[g]) * static_cast<float>((z ? z[g] : 0) + kZeroOffset<BITS>) * xs[g];
+  return t;
+}
+
+// Values per step of the AVX2 loop for these bits and group size; 0: the scalar loop.
+inline int64_t vector_step(int64_t bits, int64_t gs) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (gs % kB != 0) return 0;
+  return bits == 4 && gs % (2 * kB) == 0 ? 2 * kB : kB;
+#else
+  (void)bits;
+  (void)gs;
+  return 0;
+#endif
+}
+
+// One row of x [K] (K a multiple of 32) -> d [K/32], xsum [G], xq [K]: natural order, or (int4 on the vector
+// path) per chunk of `chunk` values the even positions first, then the odd ones.
+void quantize_row(const float* x, int64_t K, int64_t gs, int64_t chunk, int8_t* xq, float* d, float* xsum) {
+  int8_t q[kB];
+  int64_t g = 0;
+  float gsum = 0.0f;
+  for (int64_t b = 0; b < K / kB; ++b) {
+    const float* xb = x + b * kB;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kB; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float db = amax / 127.0f;
+    d[b] = db;
+    for (int64_t i = 0; i < kB; ++i) {
+      const float r = db > 0.0f ? std::nearbyint(xb[i] / db) : 0.0f;  // round half to even, as torch.round
+      q[i] = static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f));
+    }
+    // the block's share of each group's xsum, split where a group ends inside the block
+    for (int64_t i0 = 0; i0 < kB;) {
+      const int64_t group_end = (g + 1) * gs;  // k where the current group ends
+      const int64_t i1 = std::min<int64_t>(kB, group_end - b * kB);
+      int32_t s = 0;
+      for (int64_t i = i0; i < i1; ++i) s += q[i];
+      gsum += db * static_cast<float>(s);
+      if (b * kB + i1 == group_end) {
+        xsum[g++] = gsum;
+        gsum = 0.0f;
+      }
+      i0 = i1;
+    }
+    for (int64_t i = 0; i < kB; ++i) {
+      const int64_t k = b * kB + i;
+      if (chunk == 0) {
+        xq[k] = q[i];
+      } else {  // position within the chunk: even k -> k / 2, odd k -> chunk / 2 + k / 2
+        const int64_t c = k - k % chunk, j = k % chunk;
+        xq[c + (j % 2) * (chunk / 2) + j / 2] = q[i];
+      }
+    }
+  }
+}
+
+// y[m, n] for the S weight rows `n` and B rows of x from m0, one value at a time: per group, per block inside it,
+// the integer sum times the block's d.
+template <int BITS, typename SC, int S, int B>
+void rows_scalar(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
+  for (int s = 0; s < S; ++s) {
+    const uint8_t* row = a.w + n[s] * a.row_bytes;
+    const SC* sc = a.scale + n[s] * a.G;
+    for (int b = 0; b < B; ++b) {
+      const int8_t* xq = a.xq + (m0 + b) * a.K;
+      const float* d = a.d + (m0 + b) * (a.K / kB);
+      float total = 0.0f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        float acc = 0.0f;
+        for (int64_t k = g * a.gs, end = (g + 1) * a.gs; k < end;) {
+          const int64_t stop = std::min(end, (k / kB + 1) * kB);
+          int32_t isum = 0;
+          for (int64_t i = k; i < stop; ++i) isum += value_at<BITS>(row, i) * xq[i];
+          acc += d[k / kB] * static_cast<float>(isum);
+          k = stop;
+        }
+        total += static_cast<float>(sc[g]) * acc;
+      }
+      a.y[(m0 + b) * a.N + n[s]] = total - zero_term<BITS>(a, n[s], m0 + b);
+    }
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The STEP values of weight row `row` from k, as the operand(s) vpmaddubsw takes (see the file comment).
+template <int BITS, int STEP>
+struct Weights {
+  __m256i lo, hi;  // int4, STEP 64: even and odd k; int4, STEP 32: lo only; int8: lo = |q|, hi = q
+  inline void load(const uint8_t* row, int64_t k) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    if constexpr (BITS == 4 && STEP == 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+      lo = _mm256_and_si256(v, nibble);
+      hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    } else if constexpr (BITS == 4) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      lo = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), nibble);
+    } else {
+      hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)),
+                            _mm256_set1_epi8(static_cast<char>(0x80)));
+      lo = _mm256_abs_epi8(hi);
+    }
+  }
+  // Eight int32 lanes of products with xq (STEP values from xk) as float32.
+  inline __m256 dot(const int8_t* xk) const {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p;
+    if constexpr (BITS == 4 && STEP == 64) {
+      p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk))),
+                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 32))));
+    } else if constexpr (BITS == 4) {
+      p = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk)));
+    } else {
+      p = _mm256_maddubs_epi16(lo, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk)), hi));
+    }
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+  }
+};
+
+// The block scales for the lanes of a STEP-value step from block b: d[b] everywhere, or (STEP 64) d[b] in lanes
+// 0-3 and d[b + 1] in lanes 4-7.
+template <int STEP>
+inline __m256 block_scales(const float* d, int64_t b) {
+  if constexpr (STEP == 64) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(d + b)), _mm_broadcast_ss(d + b + 1), 1);
+  } else {
+    return _mm256_broadcast_ss(d + b);
+  }
+}
+
+template <int BITS, int STEP, typename SC, int S, int B>
+void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
+  const uint8_t* row[S];
+  const SC* sc[S];
+  for (int s = 0; s < S; ++s) {
+    row[s] = a.w + n[s] * a.row_bytes;
+    sc[s] = a.scale + n[s] * a.G;
+  }
+  const int8_t* xq = a.xq + m0 * a.K;
+  const float* d = a.d + m0 * (a.K / kB);
+  __m256 total[S][B];
+  for (int s = 0; s < S; ++s)
+    for (int b = 0; b < B; ++b) total[s][b] = _mm256_setzero_ps();
+  const int64_t group_bytes = a.gs * BITS / 8;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t k0 = g * a.gs, k1 = k0 + a.gs;
+    for (int s = 0; s < S; ++s)
+      for (int64_t off = 0; off < group_bytes; off += 64)
+        __builtin_prefetch(row[s] + k0 * BITS / 8 + off + kPrefetchBytes, 0, 3);
+    __m256 acc[S][B];
+    for (int s = 0; s < S; ++s)
+      for (int b = 0; b < B; ++b) acc[s][b] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k += STEP) {
+      __m256 ds[B];
+      for (int b = 0; b < B; ++b) ds[b] = block_scales<STEP>(d + b * (a.K / kB), k / kB);
+      for (int s = 0; s < S; ++s) {
+        Weights<BITS, STEP> w;
+        w.load(row[s], k);
+        for (int b = 0; b < B; ++b) acc[s][b] = _mm256_fmadd_ps(w.dot(xq + b * a.K + k), ds[b], acc[s][b]);
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      const __m256 scale = _mm256_set1_ps(static_cast<float>(sc[s][g]));
+      for (int b = 0; b < B; ++b) total[s][b] = _mm256_fmadd_ps(acc[s][b], scale, total[s][b]);
+    }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int b = 0; b < B; ++b) a.y[(m0 + b) * a.N + n[s]] = hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
+}
+
+#endif
+
+// STEP 0: the scalar loop; 32 / 64: the AVX2 loop taking that many values per step.
+template <int BITS, int STEP, typename SC, int S, int B>
+void rows(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (STEP != 0) return rows_avx2<BITS, STEP, SC, S, B>(a, n, m0);
+#endif
+  rows_scalar<BITS, SC, S, B>(a, n, m0);
+}
+
+template <int BITS, int STEP, typename SC>
+void all_rows(const A8Args<SC>& a, int64_t n, int64_t M) {
+  int64_t m = 0;
+  for (; m + kRowBlock <= M; m += kRowBlock) rows<BITS, STEP, SC, 1, kRowBlock>(a, &n, m);
+  switch (M - m) {
+    case 3: rows<BITS, STEP, SC, 1, 3>(a, &n, m); break;
+    case 2: rows<BITS, STEP, SC, 1, 2>(a, &n, m); break;
+    case 1: rows<BITS, STEP, SC, 1, 1>(a, &n, m); break;
+    default: break;
+  }
+  static_assert(kRowBlock == 4, "the remainder cases above cover 1 .. kRowBlock - 1 rows");
+}
+
+// Output rows [n0, n1): at one row of x, kStreams contiguous parts walked side by side (one row of each per step,
+// independent memory streams); the rows left over one at a time.
+template <int BITS, int STEP, typename SC>
+void range(const A8Args<SC>& a, int64_t M, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (M == 1) {
+    const int64_t part = (n1 - n0) / kStreams;
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t rows4[kStreams];
+      for (int s = 0; s < kStreams; ++s) rows4[s] = n0 + s * part + i;
+      rows<BITS, STEP, SC, kStreams, 1>(a, rows4, 0);
+    }
+    n = n0 + kStreams * part;
+  }
+  for (; n < n1; ++n) all_rows<BITS, STEP>(a, n, M);
+}
+
+template <int BITS, int STEP, typename SC>
+void run(const A8Args<SC>& a, int64_t M) {
+  const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) { range<BITS, STEP>(a, M, n0, n1); });
+}
+
+}  // namespace
+
+at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scale_in,
+                      const std::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
+  check_qlinear_args(x, packed_in, scale_in, zero_in, bits, group_size, c10::DeviceType::CPU, "qlinear_a8");
+  const int64_t K = x.size(-1), N = packed_in.size(0), G = K / group_size;
+  TORCH_CHECK(K % kB == 0, "llama_mm.qlinear_a8: K = ", K, " must be a multiple of ", kB,
+              " (activations are quantized per block of ", kB, " values)");
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
+  const int64_t M = x2.size(0), step = vector_step(bits, group_size);
+  at::Tensor y = at::empty({M, N}, x2.options());  // [M, N] float32
+  if (M > 0 && N > 0) {
+    at::Tensor xq = at::empty({M, K}, x2.options().dtype(at::kChar));  // [M, K] kernel order
+    at::Tensor d = at::empty({M, K / kB}, x2.options());               // [M, K / 32]
+    at::Tensor xsum = at::empty({M, G}, x2.options());                 // [M, G]
+    const int64_t chunk = bits == 4 ? step : 0;  // int4's vector loop reads x even k first per step
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        quantize_row(x2.data_ptr<float>() + m * K, K, group_size, chunk, xq.data_ptr<int8_t>() + m * K,
+                     d.data_ptr<float>() + m * (K / kB), xsum.data_ptr<float>() + m * G);
+    });
+    LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear_a8", [&] {
+      const A8Args<scalar_t> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
+                               scale.data_ptr<scalar_t>(), zero.defined() ? zero.data_ptr<int8_t>() : nullptr,
+                               K, G, group_size, N, xq.data_ptr<int8_t>(), d.data_ptr<float>(),
+                               xsum.data_ptr<float>(), y.data_ptr<float>()};
+      if (bits == 4 && step == 64) {
+        run<4, 64>(a, M);
+      } else if (bits == 4 && step == 32) {
+        run<4, 32>(a, M);
+      } else if (bits == 4) {
+        run<4, 0>(a, M);
+      } else if (step == 32) {
+        run<8, 32>(a, M);
+      } else {
+        run<8, 0>(a, M);
+      }
+    });
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+}  // namespace llama_mm::cpu
