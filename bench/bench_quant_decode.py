@@ -5,7 +5,8 @@ Every variant is loaded side by side and run alternately (best of N each, after 
 same machine load. Per variant: decode ms/token, the bytes one decode step reads (packed weights + scales + every
 unquantized text tensor, one embedding row, the image K/V and the self-attention KV cache), and that over the
 machine's read bandwidth (bench/cpp/read_bandwidth.cpp, measured before and after): the physical limit. lm_head
-(128256 x 1024) is a large share of the bytes here, so each bit width runs with and without --quantize-lm-head.
+(128256 x 1024) is a large share of the bytes here, so each bit width runs with and without --quantize-lm-head;
+the opt-in int8 activations (integer products) run too.
 Writes bench/results/quant_decode_cpu.json.
 
     python bench/bench_quant_decode.py [--new-tokens 32] [--repeats 3] [--group-size 128]
@@ -49,6 +50,10 @@ VARIANTS = {  # name -> load_model quantization arguments
     "llama_mm int8 + lm_head": dict(quantize="int8", quantize_lm_head=True),
     "llama_mm int4": dict(quantize="int4"),
     "llama_mm int4 + lm_head": dict(quantize="int4", quantize_lm_head=True),
+    # opt-in: int8 activations, integer products (not exact; llama.cpp's Q8_0 / Q4_0 arithmetic)
+    "llama_mm int8 + lm_head, int8 activations": dict(quantize="int8", quantize_lm_head=True, activations="int8"),
+    "llama_mm int4, int8 activations": dict(quantize="int4", activations="int8"),
+    "llama_mm int4 + lm_head, int8 activations": dict(quantize="int4", quantize_lm_head=True, activations="int8"),
 }
 
 

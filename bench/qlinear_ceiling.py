@@ -1,5 +1,6 @@
 """What bounds the CPU's one-row quantized product, memory or arithmetic? torch.ops.llama_mm.qlinear (int4 and int8,
-group 128, bf16 x and scales) and torch.ops.llama_mm.gemv (bf16) at one row of x, K = 4096, timed twice:
+group 128, bf16 x and scales, float32 products), torch.ops.llama_mm.qlinear_a8 (the same weights times int8
+activations, integer products) and torch.ops.llama_mm.gemv (bf16) at one row of x, K = 4096, timed twice:
 
 - streamed: N = 14336 rows (the 11B MLP's gate/up shape), copies cycled so that every call reads its weight from
   memory (the copies together are 4x the L3 cache);
@@ -39,7 +40,7 @@ def make(kind: str, N: int) -> tuple:
     """(weight tensors for one call, bytes one call reads)."""
     if kind == "gemv_bf16":
         return (torch.randn(N, K).bfloat16(),), N * K * 2
-    bits = 4 if kind == "qlinear_int4" else 8
+    bits = 4 if kind.endswith("int4") else 8
     packed = torch.randint(-2**31, 2**31 - 1, (N, K * bits // 32), dtype=torch.int32)
     scale = torch.rand(N, K // GROUP).bfloat16()
     return (packed, scale, bits), N * K * bits // 8 + scale.numel() * 2
@@ -48,6 +49,8 @@ def make(kind: str, N: int) -> tuple:
 def call(kind: str, x: torch.Tensor, w: tuple) -> None:
     if kind == "gemv_bf16":
         torch.ops.llama_mm.gemv(x, w[0])
+    elif kind.startswith("qlinear_a8"):
+        torch.ops.llama_mm.qlinear_a8(x, w[0], w[1], None, w[2], GROUP)
     else:
         torch.ops.llama_mm.qlinear(x, w[0], w[1], None, w[2], GROUP)
 
@@ -55,7 +58,7 @@ def call(kind: str, x: torch.Tensor, w: tuple) -> None:
 def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, K).bfloat16()
-    kinds = ["qlinear_int4", "qlinear_int8", "gemv_bf16"]
+    kinds = ["qlinear_int4", "qlinear_int8", "qlinear_a8_int4", "qlinear_a8_int8", "gemv_bf16"]
     setups = {}
     for kind in kinds:
         one, nbytes = make(kind, N_STREAMED)

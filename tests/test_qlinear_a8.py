@@ -87,7 +87,11 @@ def test_qlinear_a8_wrapper_grad_and_opcheck(native):
     xg = x.clone().requires_grad_()
     grad = torch.randn(3, 16)
     op(xg, packed, scale, zero, 4, 32).backward(grad)  # straight through the activation rounding
-    assert_close("qlinear_a8 grad x", xg.grad, grad @ ops.qlinear_dequantize(packed, scale, zero, 4, 32))
+    w = ops.qlinear_dequantize(packed, scale, zero, 4, 32)
+    assert_close("qlinear_a8 grad x", xg.grad, grad @ w)
+    xg.grad = None
+    ops.qlinear_a8(xg, packed, scale, zero, 4, 32).backward(grad)  # the wrapper under autograd: the reference
+    assert_close("qlinear_a8_ref grad x", xg.grad, grad @ w)
     for args in ((xg, packed, scale, zero, 4, 32), (x.bfloat16(), packed, scale, None, 4, 32)):
         torch.library.opcheck(op.default, args)
 

@@ -5,7 +5,7 @@ Model: the 450M benchmark checkpoint of bench/bench_decode.py (random bf16 weigh
 self-attention layers + embeddings + lm_head (cross-attention layers are skipped). llama.cpp gets exactly that stack
 as GGUF (bench/llama_cpp/make_gguf.py: the same weights; bf16, f16, Q8_0 and Q4_0, the last two with llama-quantize's
 default per-tensor choices and with --pure). llama_mm runs bf16, int8 and int4 (group 128), each quantized width with
-lm_head in bf16 and quantized.
+lm_head in bf16 and quantized, and with the opt-in int8 activations (llama.cpp's own integer arithmetic).
 
 Rounds alternate: each round runs every llama.cpp file (`llama-bench -m FILE -p 0 -n N -t T -r R -o json`: token
 generation from an empty context, R repetitions) and every llama_mm variant (a 1-token prompt, then N decode steps
@@ -46,6 +46,9 @@ LLAMA_MM_VARIANTS = {  # name -> load_model quantization arguments (group size f
     "int8 + lm_head": dict(quantize="int8", quantize_lm_head=True),
     "int4": dict(quantize="int4"),
     "int4 + lm_head": dict(quantize="int4", quantize_lm_head=True),
+    # opt-in int8 activations: integer products, as llama.cpp's Q8_0 / Q4_0 do
+    "int8 + lm_head, int8 activations": dict(quantize="int8", quantize_lm_head=True, activations="int8"),
+    "int4 + lm_head, int8 activations": dict(quantize="int4", quantize_lm_head=True, activations="int8"),
 }
 COMPARISONS = [  # (llama.cpp GGUF, llama_mm variant, what differs)
     ("bf16", "bf16", "same format"),
@@ -59,6 +62,12 @@ COMPARISONS = [  # (llama.cpp GGUF, llama_mm variant, what differs)
     ("q4_0", "int4 + lm_head", "llama-quantize's default Q4_0 file (output in Q6_K, see tensor_types) against "
                                "int4 + lm_head"),
     ("q4_0", "int4", "llama.cpp's default Q4_0 file against llama_mm's default int4 (lm_head bf16)"),
+    ("q8_0_pure", "int8 + lm_head, int8 activations", "same arithmetic: both quantize activations to int8 per 32 "
+                                                      "values and multiply in integers"),
+    ("q8_0", "int8 + lm_head, int8 activations", "llama-quantize's default Q8_0 file, llama_mm int8 activations"),
+    ("q4_0_pure", "int4 + lm_head, int8 activations", "same arithmetic: both quantize activations to int8 per 32 "
+                                                      "values and multiply in integers"),
+    ("q4_0", "int4 + lm_head, int8 activations", "llama-quantize's default Q4_0 file, llama_mm int8 activations"),
 ]
 
 

@@ -109,7 +109,7 @@ class QuantLoraLinear(LoraLayer, QuantLinear):
     def __init__(self, base: QuantLinear, r: int, scaling: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.bits, self.group_size = base.bits, base.group_size
+        self.bits, self.group_size, self.activations = base.bits, base.group_size, base.activations
         for name in ("weight_packed", "weight_scale", "weight_zero"):
             self.register_buffer(name, getattr(base, name))
         self.bias = base.bias

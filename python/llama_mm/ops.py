@@ -112,11 +112,12 @@ def qlinear_a8_ref(
 ) -> torch.Tensor:
     """Quantized linear with int8 activations: x quantized per 32 values (quantize_activations_ref), then
     (d * xq) @ W.T with W = (q - zero) * scale, computed in float64 (the kernel's integer sums are exact, so this is
-    the value it rounds) -> [..., N] in x's dtype."""
+    the value it rounds) -> [..., N] in x's dtype. Differentiable in x straight through the rounding (as the op)."""
     if x.shape[-1] % ACTIVATION_BLOCK:
         raise ValueError(f"qlinear_a8: K = {x.shape[-1]} must be a multiple of {ACTIVATION_BLOCK}")
     xq, d = quantize_activations_ref(x)
     xd = (xq.double().unflatten(-1, (-1, ACTIVATION_BLOCK)) * d.double()[..., None]).flatten(-2)  # (..., K)
+    xd = x.double() + (xd - x.double()).detach()  # the rounded values; gradients straight through the rounding
     w = qlinear_dequantize(packed, scale, zero, bits, group_size, torch.float64)  # (N, K)
     return (xd @ w.T).to(x.dtype)
 def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
