@@ -7,9 +7,11 @@ without seeing the shapes), which shows the answers come from the image.
 
 With --quantize int8|int4 the built-in model's text decoder is quantized on load (`Generator(quantize=...,
 group_size=...)`); the unquantized model's accuracy on the same images is measured in the same run for comparison,
-and the result goes to bench/results/builtin_accuracy_<quantize>.json.
+and the result goes to bench/results/builtin_accuracy_<quantize>.json; --activations int8 adds the opt-in int8
+activations (integer products) to the quantized layers (..._<quantize>_int8_activations.json).
 
-    PYTHONPATH=python python bench/builtin_accuracy.py [--n 200] [--quantize int8|int4 [--group-size 128]]
+    PYTHONPATH=python python bench/builtin_accuracy.py [--n 200] [--quantize int8|int4 [--group-size 128]
+                                                       [--activations int8]]
 """
 import argparse
 import json
@@ -46,12 +48,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"])
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--activations", default="float", choices=["float", "int8"])
     ap.add_argument("--out", default=None, help="default: bench/results/builtin_accuracy[_<quantize>].json")
     args = ap.parse_args()
-    args.out = args.out or str(ROOT / "bench" / "results" /
-                               f"builtin_accuracy{'_' + args.quantize if args.quantize else ''}.json")
+    suffix = ("_" + args.quantize if args.quantize else "") + ("_int8_activations" if args.activations == "int8" else "")
+    args.out = args.out or str(ROOT / "bench" / "results" / f"builtin_accuracy{suffix}.json")
 
-    gen = Generator(quantize=args.quantize, group_size=args.group_size)
+    gen = Generator(quantize=args.quantize, group_size=args.group_size, activations=args.activations)
     seeds = range(SEED0, SEED0 + args.n)
     specs = [demo.random_spec(random.Random(s)) for s in seeds]
     truths = [demo.caption(spec) for spec in specs]
@@ -73,7 +76,8 @@ def main() -> None:
     result = {
         "task": "exact-caption accuracy of the built-in model (llama_mm.Generator() with no directory), greedy",
         "quantize": args.quantize and {"weights": args.quantize, "group_size": args.group_size,
-                                       "scope": "text decoder linears (lm_head, vision, embeddings unquantized)"},
+                                       "scope": "text decoder linears (lm_head, vision, embeddings unquantized)",
+                                       "activations": args.activations},
         "images": args.n,
         "seeds": [seeds.start, seeds.stop - 1],
         "prompt": demo.PROMPT,

@@ -50,6 +50,7 @@ struct A8Args {
   int64_t K, G, gs, N;
   const int8_t* xq;    // [M, K], in the kernel's order (step_order)
   const float* d;      // [M, K / 32] block scales
+  const float* dsteps; // vector path: [M, K / STEP, 8] the block scale of each lane of a step's products
   const float* xsum;   // [M, G]: sum_{k in g} d[block of k] * xq[k]
   float* y;            // [M, N]
 };
@@ -92,6 +93,47 @@ inline int64_t vector_step(int64_t bits, int64_t gs) {
 #endif
 }
 
+// One block of 32 values -> its int8 values q and its scale d = max |x| / 127 (returned): q = x / d rounded half to
+// even (as torch.round), clamped to +-127; all zero when d = 0. The AVX2 form divides and rounds the same way.
+inline float quantize_block(const float* xb, int8_t* q) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float d = _mm_cvtss_f32(h) / 127.0f;
+  if (!(d > 0.0f)) {
+    std::fill(q, q + kB, 0);
+    return d;
+  }
+  const __m256 dv = _mm256_set1_ps(d), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    i32[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+  }
+  // the packs work within 128-bit lanes: 4-byte groups come out as 0 2 4 6 1 3 5 7 of the natural order
+  const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return d;
+#else
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kB; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float d = amax / 127.0f;
+  for (int64_t i = 0; i < kB; ++i) {
+    const float r = d > 0.0f ? std::nearbyint(xb[i] / d) : 0.0f;
+    q[i] = static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f));
+  }
+  return d;
+#endif
+}
+
 // One row of x [K] (K a multiple of 32) -> d [K/32], xsum [G], xq [K]: natural order, or (int4 on the vector
 // path) per chunk of `chunk` values the even positions first, then the odd ones.
 void quantize_row(const float* x, int64_t K, int64_t gs, int64_t chunk, int8_t* xq, float* d, float* xsum) {
@@ -99,15 +141,8 @@ void quantize_row(const float* x, int64_t K, int64_t gs, int64_t chunk, int8_t* 
   int64_t g = 0;
   float gsum = 0.0f;
   for (int64_t b = 0; b < K / kB; ++b) {
-    const float* xb = x + b * kB;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < kB; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float db = amax / 127.0f;
+    const float db = quantize_block(x + b * kB, q);
     d[b] = db;
-    for (int64_t i = 0; i < kB; ++i) {
-      const float r = db > 0.0f ? std::nearbyint(xb[i] / db) : 0.0f;  // round half to even, as torch.round
-      q[i] = static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f));
-    }
     // the block's share of each group's xsum, split where a group ends inside the block
     for (int64_t i0 = 0; i0 < kB;) {
       const int64_t group_end = (g + 1) * gs;  // k where the current group ends
@@ -176,11 +211,11 @@ struct Weights {
   inline void load(const uint8_t* row, int64_t k) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     if constexpr (BITS == 4 && STEP == 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (static_cast<uint64_t>(k) >> 1)));
       lo = _mm256_and_si256(v, nibble);
       hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     } else if constexpr (BITS == 4) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (static_cast<uint64_t>(k) >> 1)));
       lo = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), nibble);
     } else {
       hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)),
@@ -204,17 +239,6 @@ struct Weights {
   }
 };
 
-// The block scales for the lanes of a STEP-value step from block b: d[b] everywhere, or (STEP 64) d[b] in lanes
-// 0-3 and d[b + 1] in lanes 4-7.
-template <int STEP>
-inline __m256 block_scales(const float* d, int64_t b) {
-  if constexpr (STEP == 64) {
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(d + b)), _mm_broadcast_ss(d + b + 1), 1);
-  } else {
-    return _mm256_broadcast_ss(d + b);
-  }
-}
-
 template <int BITS, int STEP, typename SC, int S, int B>
 void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
   const uint8_t* row[S];
@@ -224,7 +248,7 @@ void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
     sc[s] = a.scale + n[s] * a.G;
   }
   const int8_t* xq = a.xq + m0 * a.K;
-  const float* d = a.d + m0 * (a.K / kB);
+  const float* ds = a.dsteps + m0 * (a.K / STEP) * 8;
   __m256 total[S][B];
   for (int s = 0; s < S; ++s)
     for (int b = 0; b < B; ++b) total[s][b] = _mm256_setzero_ps();
@@ -238,12 +262,13 @@ void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
     for (int s = 0; s < S; ++s)
       for (int b = 0; b < B; ++b) acc[s][b] = _mm256_setzero_ps();
     for (int64_t k = k0; k < k1; k += STEP) {
-      __m256 ds[B];
-      for (int b = 0; b < B; ++b) ds[b] = block_scales<STEP>(d + b * (a.K / kB), k / kB);
+      const uint64_t step = static_cast<uint64_t>(k) / STEP;
+      __m256 scales[B];
+      for (int b = 0; b < B; ++b) scales[b] = _mm256_loadu_ps(ds + (b * (a.K / STEP) + step) * 8);
       for (int s = 0; s < S; ++s) {
         Weights<BITS, STEP> w;
         w.load(row[s], k);
-        for (int b = 0; b < B; ++b) acc[s][b] = _mm256_fmadd_ps(w.dot(xq + b * a.K + k), ds[b], acc[s][b]);
+        for (int b = 0; b < B; ++b) acc[s][b] = _mm256_fmadd_ps(w.dot(xq + b * a.K + k), scales[b], acc[s][b]);
       }
     }
     for (int s = 0; s < S; ++s) {
@@ -319,17 +344,24 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& packed_in, const at
     at::Tensor xq = at::empty({M, K}, x2.options().dtype(at::kChar));  // [M, K] kernel order
     at::Tensor d = at::empty({M, K / kB}, x2.options());               // [M, K / 32]
     at::Tensor xsum = at::empty({M, G}, x2.options());                 // [M, G]
+    at::Tensor dsteps = at::empty({M, step ? K / step * 8 : 0}, x2.options());  // [M, K / step, 8]
     const int64_t chunk = bits == 4 ? step : 0;  // int4's vector loop reads x even k first per step
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        quantize_row(x2.data_ptr<float>() + m * K, K, group_size, chunk, xq.data_ptr<int8_t>() + m * K,
-                     d.data_ptr<float>() + m * (K / kB), xsum.data_ptr<float>() + m * G);
+      for (int64_t m = m0; m < m1; ++m) {
+        float* dm = d.data_ptr<float>() + m * (K / kB);
+        quantize_row(x2.data_ptr<float>() + m * K, K, group_size, chunk, xq.data_ptr<int8_t>() + m * K, dm,
+                     xsum.data_ptr<float>() + m * G);
+        // lane l of step j multiplies block j * blocks + l * blocks / 8 (two blocks per step: lanes 0-3, 4-7)
+        float* lanes = dsteps.data_ptr<float>() + m * dsteps.size(1);
+        const int64_t blocks = step / kB;
+        for (int64_t i = 0; i < dsteps.size(1); ++i) lanes[i] = dm[(i / 8) * blocks + (i % 8) * blocks / 8];
+      }
     });
     LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear_a8", [&] {
       const A8Args<scalar_t> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
                                scale.data_ptr<scalar_t>(), zero.defined() ? zero.data_ptr<int8_t>() : nullptr,
                                K, G, group_size, N, xq.data_ptr<int8_t>(), d.data_ptr<float>(),
-                               xsum.data_ptr<float>(), y.data_ptr<float>()};
+                               dsteps.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>()};
       if (bits == 4 && step == 64) {
         run<4, 64>(a, M);
       } else if (bits == 4 && step == 32) {
