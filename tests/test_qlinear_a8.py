@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama_mm import ops
-from test_qlinear import REL_TOL, assert_close, native, quantized  # noqa: F401  (native is a fixture)
+from test_qlinear import DECODE_ROWS, assert_close, native, quantized  # noqa: F401  (native is a fixture)
 
 op = torch.ops.llama_mm.qlinear_a8
 
@@ -70,12 +70,17 @@ def test_qlinear_a8_dtypes(native, x_dtype, scale_dtype):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_qlinear_a8_batch_invariant(native, bits, group_size):
-    """Row r of an M-row call is bitwise the row computed alone, wherever it sits, for any M."""
+    """Row r of an M-row call (M <= 64) is bitwise the row computed alone, wherever it sits; past 64 rows (a long
+    prefill) the op is qlinear's float32 path, bitwise."""
     packed, scale, zero, _ = quantized(67, 384, bits, group_size, True, seed=7)
-    x = torch.randn(80, 384, generator=torch.Generator().manual_seed(8))
-    alone = torch.cat([op(x[r:r + 1], packed, scale, zero, bits, group_size) for r in range(80)])
-    for M in (2, 3, 4, 5, 7, 9, 17, 64, 80):
-        for start in sorted({0, 1, 80 - M}):
+    x = torch.randn(DECODE_ROWS + 6, 384, generator=torch.Generator().manual_seed(8))
+    long = op(x, packed, scale, zero, bits, group_size)
+    assert torch.equal(long, torch.ops.llama_mm.qlinear(x, packed, scale, zero, bits, group_size))
+    x = x[:DECODE_ROWS]
+    alone = torch.cat([op(x[r:r + 1], packed, scale, zero, bits, group_size) for r in range(DECODE_ROWS)])
+    assert not torch.equal(alone, long[:DECODE_ROWS])  # int8 activations below the limit
+    for M in (2, 3, 4, 5, 7, 9, 17, 33, 64):
+        for start in sorted({0, 1, DECODE_ROWS - M}):
             assert torch.equal(op(x[start:start + M], packed, scale, zero, bits, group_size), alone[start:start + M]), \
                 f"M={M}, rows from {start}"
 

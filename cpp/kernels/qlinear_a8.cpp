@@ -30,6 +30,7 @@
 #endif
 
 #include "op_common.h"
+#include "qlinear.h"
 
 namespace llama_mm::cpu {
 namespace {
@@ -352,6 +353,7 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& packed_in, const at
   const int64_t K = x.size(-1), N = packed_in.size(0), G = K / group_size;
   TORCH_CHECK(K % kB == 0, "llama_mm.qlinear_a8: K = ", K, " must be a multiple of ", kB,
               " (activations are quantized per block of ", kB, " values)");
+  if (x.numel() / K > kQlinearDecodeRows) return qlinear(x, packed_in, scale_in, zero_in, bits, group_size);
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
   const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();

@@ -16,8 +16,10 @@ constexpr int64_t kActivationBlock = 32;
 // Arguments as qlinear's, K a multiple of kActivationBlock. Per row m of x and block b of 32 values:
 //   d[m, b] = max_k |x[m, k]| / 127 (float32),  xq[m, k] = round-half-even(x[m, k] / d[m, b]) (int8; 0 when d = 0)
 //   y[m, n] = sum_g scale[n, g] * sum_{b in g} d[m, b] * sum_{k in b} (q[n, k] - zero[n, g]) * xq[m, k]
-// the inner sums exact in int32, the rest in float32, rounded once to x's dtype -> [..., N] contiguous. Each row's
-// result depends on that row alone (batch invariant), for any number of rows.
+// the inner sums exact in int32, the rest in float32, rounded once to x's dtype -> [..., N] contiguous, for up to
+// kQlinearDecodeRows rows of x (decode steps, short prompts); more rows (a long prompt's prefill) are qlinear's
+// float32 products, which dequantize a tile and multiply with a GEMM, faster there than integer products. Up to
+// kQlinearDecodeRows rows, each row's result depends on that row alone (batch invariant).
 at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size);
 

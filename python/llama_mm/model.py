@@ -162,7 +162,8 @@ def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = 
 
     activations: "float" (default) multiplies the quantized weights by the activations as they are, in float32
     (matches transformers + compressed-tensors to 1e-5); "int8" quantizes each quantized layer's input to int8 per
-    32 values and multiplies in integers, as llama.cpp's Q4_0 / Q8_0 do: faster on the CPU, not exact (CPU only)."""
+    32 values and multiplies in integers, as llama.cpp's Q4_0 / Q8_0 do, in products of up to 64 rows (decode steps,
+    short prompts; longer prefills keep float32 products): faster on the CPU, not exact (CPU only)."""
     cfg = MllamaConfig.from_pretrained(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg.dtype)

@@ -95,6 +95,7 @@ def qlinear_ref(
 
 
 ACTIVATION_BLOCK = 32  # activation values per int8 scale (cpp/kernels/qlinear_a8.h)
+QLINEAR_DECODE_ROWS = 64  # rows of x up to which qlinear_a8 uses int8 activations (kQlinearDecodeRows)
 
 
 def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +113,12 @@ def qlinear_a8_ref(
 ) -> torch.Tensor:
     """Quantized linear with int8 activations: x quantized per 32 values (quantize_activations_ref), then
     (d * xq) @ W.T with W = (q - zero) * scale, computed in float64 (the kernel's integer sums are exact, so this is
-    the value it rounds) -> [..., N] in x's dtype. Differentiable in x straight through the rounding (as the op)."""
+    the value it rounds) -> [..., N] in x's dtype; more than QLINEAR_DECODE_ROWS rows: qlinear_ref (float32
+    products, as the kernel's prefill path). Differentiable in x straight through the rounding (as the op)."""
     if x.shape[-1] % ACTIVATION_BLOCK:
         raise ValueError(f"qlinear_a8: K = {x.shape[-1]} must be a multiple of {ACTIVATION_BLOCK}")
+    if x.numel() // x.shape[-1] > QLINEAR_DECODE_ROWS:  # a long prefill: float32 products, as the kernel
+        return qlinear_ref(x, packed, scale, zero, bits, group_size)
     xq, d = quantize_activations_ref(x)
     xd = (xq.double().unflatten(-1, (-1, ACTIVATION_BLOCK)) * d.double()[..., None]).flatten(-2)  # (..., K)
     xd = x.double() + (xd - x.double()).detach()  # the rounded values; gradients straight through the rounding

@@ -9,7 +9,8 @@ symmetric). bits and group size follow from the shapes (`quant_geometry`), one r
 
 forward is `ops.qlinear` (native kernel, or its pure-PyTorch reference): y = x W^T (+ b) with
 W = (q - zero) * scale, products and sums in float32, in x's dtype; or, with `activations = "int8"` (load_model's
-opt-in), `ops.qlinear_a8`: x quantized to int8 per 32 values, integer products.
+opt-in), `ops.qlinear_a8`: x quantized to int8 per 32 values, integer products (up to 64 rows; more rows take the
+float32 products).
 """
 from __future__ import annotations
 
