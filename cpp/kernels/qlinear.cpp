@@ -6,7 +6,7 @@
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} u[n, k] x[m, k]) - sum_g scale[n, g] z'[n, g] xsum[m, g]
 // with xsum[m, g] = sum_{k in g} x[m, k]; all in float32 (u and z' are exact), rounded once to x's dtype. Each
 // (m, n) result goes through the same operations in the same order whatever the number of rows and wherever the
-// row sits (rows are taken in blocks of up to kRowBlock, each row with its own accumulators): bitwise batch
+// row sits (rows are taken in blocks of up to four, qlinear_rows.h, each row with its own accumulators): bitwise batch
 // invariance, which continuous batching relies on.
 // Prefill (more rows): tiles of W dequantized to float32, (u - z') * scale exactly as the reference computes
 // (q - zero) * scale, then at::mm.
@@ -26,14 +26,13 @@
 
 #include "cpu_utils.h"
 #include "op_common.h"
+#include "qlinear_rows.h"
 
 namespace llama_mm::cpu {
 namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed int32 words are read byte by byte");
 
-constexpr int kStreams = 4;   // output rows walked side by side at batch 1 (independent memory streams)
-constexpr int kRowBlock = 4;  // rows of x per pass over a weight row at batch > 1 (their x stays in L1)
 constexpr int64_t kPrefetchBytes = 1024;
 
 // The operands of one call, with x in float32 and its per-group sums.
@@ -136,13 +135,6 @@ inline void load32(const uint8_t* row, int64_t k, __m256 w[4]) {
   }
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // AVX2 + FMA, group size a multiple of 32, x in kernel order. Per (s, b): two accumulators (vectors 0 and 2 of a
 // chunk into the first, 1 and 3 into the second), their sum times the group's scale added into a running vector;
 // one horizontal sum at the end. The order is the same for every S and B.
@@ -189,7 +181,7 @@ void rows_avx2(const QMat<SC>& a, const int64_t* n, int64_t m0) {
   }
   for (int s = 0; s < S; ++s)
     for (int b = 0; b < B; ++b)
-      a.y[(m0 + b) * a.N + n[s]] = hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
+      a.y[(m0 + b) * a.N + n[s]] = qrows::hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
 }
 
 #endif
@@ -204,44 +196,18 @@ inline bool vector_path(int64_t gs) {
 #endif
 }
 
-template <int BITS, typename SC, int S, int B>
-void rows(const QMat<SC>& a, const int64_t* n, int64_t m0) {
+// The row kernel for qrows' walk: the AVX2 loop where it applies, else the scalar one.
+template <int BITS, typename SC>
+struct Rows {
+  const QMat<SC>& a;
+  template <int S, int B>
+  void run(const int64_t* n, int64_t m0) const {
 #if defined(__AVX2__) && defined(__FMA__)
-  if (vector_path(a.gs)) return rows_avx2<BITS, SC, S, B>(a, n, m0);
+    if (vector_path(a.gs)) return rows_avx2<BITS, SC, S, B>(a, n, m0);
 #endif
-  rows_scalar<BITS, SC, S, B>(a, n, m0);
-}
-
-// All M rows of x for output row n, in blocks of kRowBlock.
-template <int BITS, typename SC>
-void all_rows(const QMat<SC>& a, int64_t n, int64_t M) {
-  int64_t m = 0;
-  for (; m + kRowBlock <= M; m += kRowBlock) rows<BITS, SC, 1, kRowBlock>(a, &n, m);
-  switch (M - m) {
-    case 3: rows<BITS, SC, 1, 3>(a, &n, m); break;
-    case 2: rows<BITS, SC, 1, 2>(a, &n, m); break;
-    case 1: rows<BITS, SC, 1, 1>(a, &n, m); break;
-    default: break;
+    rows_scalar<BITS, SC, S, B>(a, n, m0);
   }
-  static_assert(kRowBlock == 4, "the remainder cases above cover 1 .. kRowBlock - 1 rows");
-}
-
-// Output rows [n0, n1): cut into kStreams contiguous parts walked side by side (one row of each per step), so the
-// weights are read as kStreams sequential streams; the rows left over go one at a time.
-template <int BITS, typename SC>
-void decode_range(const QMat<SC>& a, int64_t M, int64_t n0, int64_t n1) {
-  const int64_t part = (n1 - n0) / kStreams;
-  for (int64_t i = 0; i < part; ++i) {
-    int64_t n[kStreams];
-    for (int s = 0; s < kStreams; ++s) n[s] = n0 + s * part + i;
-    if (M == 1) {
-      rows<BITS, SC, kStreams, 1>(a, n, 0);
-    } else {
-      for (int s = 0; s < kStreams; ++s) all_rows<BITS>(a, n[s], M);
-    }
-  }
-  for (int64_t n = n0 + kStreams * part; n < n1; ++n) all_rows<BITS>(a, n, M);
-}
+};
 
 // x2 [M, K] float32 contiguous -> y [M, N] float32 through the decode kernels.
 template <typename SC>
@@ -265,14 +231,11 @@ void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& sc
   }
   const QMat<SC> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
                    scale.data_ptr<SC>(), zero, K, G, gs, N, xk, xs, y.data_ptr<float>()};
-  const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (bits == 4) {
-      decode_range<4>(a, M, n0, n1);
-    } else {
-      decode_range<8>(a, M, n0, n1);
-    }
-  });
+  if (bits == 4) {
+    qrows::parallel_walk(Rows<4, SC>{a}, M, N, a.row_bytes);
+  } else {
+    qrows::parallel_walk(Rows<8, SC>{a}, M, N, a.row_bytes);
+  }
 }
 
 // W rows [n0, n0 + rows) dequantized to float32 [rows, K]: (q - zero) * scale, each factor in float32.

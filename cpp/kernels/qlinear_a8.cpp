@@ -2,8 +2,8 @@
 //
 // Every row of x is quantized once per call: per block of 32 values a float32 scale d and int8 values xq, laid out
 // in the order the vector loop reads the weights (below), and per weight group the float sum its zero points
-// multiply. Each weight row is then streamed once for all rows of x (one row: kStreams weight rows walked side by
-// side; more: blocks of kRowBlock rows of x per weight row) and multiplied in integers:
+// multiply. Each weight row is then streamed once for all rows of x (qlinear_rows.h: one row of x, four weight rows
+// walked side by side; more, blocks of four rows of x per weight row) and multiplied in integers:
 //   int4, AVX2: 64 stored values (32 bytes) split into low nibbles (even k) and high nibbles (odd k); vpmaddubsw
 //     multiplies the unsigned nibbles by xq (x laid out even k then odd k per 64 values) and adds pairs into int16,
 //     the two halves are added (|sum| <= 4 * 15 * 127, no overflow), vpmaddwd makes int32 lanes: lanes 0-3 hold the
@@ -31,14 +31,13 @@
 
 #include "op_common.h"
 #include "qlinear.h"
+#include "qlinear_rows.h"
 
 namespace llama_mm::cpu {
 namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed int32 words are read byte by byte");
 
-constexpr int kStreams = 4;   // weight rows walked side by side at one row of x
-constexpr int kRowBlock = 4;  // rows of x per pass over a weight row
 constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kB = kActivationBlock;
 
@@ -199,13 +198,6 @@ void rows_scalar(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The STEP values of weight row `row` from k, as the operand(s) vpmaddubsw takes (see the file comment).
 template <int BITS, int STEP>
 struct Weights {
@@ -295,54 +287,27 @@ void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
     }
   }
   for (int s = 0; s < S; ++s)
-    for (int b = 0; b < B; ++b) a.y[(m0 + b) * a.N + n[s]] = hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
+    for (int b = 0; b < B; ++b) a.y[(m0 + b) * a.N + n[s]] = qrows::hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
 }
 
 #endif
 
-// STEP 0: the scalar loop; 32 / 64: the AVX2 loop taking that many values per step.
-template <int BITS, int STEP, typename SC, int S, int B>
-void rows(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
+// The row kernel for qrows' walk. STEP 0: the scalar loop; 32 / 64: the AVX2 loop taking that many values per step.
+template <int BITS, int STEP, typename SC>
+struct Rows {
+  const A8Args<SC>& a;
+  template <int S, int B>
+  void run(const int64_t* n, int64_t m0) const {
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (STEP != 0) return rows_avx2<BITS, STEP, SC, S, B>(a, n, m0);
+    if constexpr (STEP != 0) return rows_avx2<BITS, STEP, SC, S, B>(a, n, m0);
 #endif
-  rows_scalar<BITS, SC, S, B>(a, n, m0);
-}
-
-template <int BITS, int STEP, typename SC>
-void all_rows(const A8Args<SC>& a, int64_t n, int64_t M) {
-  int64_t m = 0;
-  for (; m + kRowBlock <= M; m += kRowBlock) rows<BITS, STEP, SC, 1, kRowBlock>(a, &n, m);
-  switch (M - m) {
-    case 3: rows<BITS, STEP, SC, 1, 3>(a, &n, m); break;
-    case 2: rows<BITS, STEP, SC, 1, 2>(a, &n, m); break;
-    case 1: rows<BITS, STEP, SC, 1, 1>(a, &n, m); break;
-    default: break;
+    rows_scalar<BITS, SC, S, B>(a, n, m0);
   }
-  static_assert(kRowBlock == 4, "the remainder cases above cover 1 .. kRowBlock - 1 rows");
-}
-
-// Output rows [n0, n1): at one row of x, kStreams contiguous parts walked side by side (one row of each per step,
-// independent memory streams); the rows left over one at a time.
-template <int BITS, int STEP, typename SC>
-void range(const A8Args<SC>& a, int64_t M, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (M == 1) {
-    const int64_t part = (n1 - n0) / kStreams;
-    for (int64_t i = 0; i < part; ++i) {
-      int64_t rows4[kStreams];
-      for (int s = 0; s < kStreams; ++s) rows4[s] = n0 + s * part + i;
-      rows<BITS, STEP, SC, kStreams, 1>(a, rows4, 0);
-    }
-    n = n0 + kStreams * part;
-  }
-  for (; n < n1; ++n) all_rows<BITS, STEP>(a, n, M);
-}
+};
 
 template <int BITS, int STEP, typename SC>
 void run(const A8Args<SC>& a, int64_t M) {
-  const int64_t grain = std::max<int64_t>(1, 64 * 1024 / a.row_bytes);  // >= ~64 KiB of weights per task
-  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) { range<BITS, STEP>(a, M, n0, n1); });
+  qrows::parallel_walk(Rows<BITS, STEP, SC>{a}, M, a.N, a.row_bytes);
 }
 
 }  // namespace
