@@ -78,3 +78,16 @@ def test_int8_activation_arguments(dense_dir, build_case, capsys):  # noqa: F811
                                                                 temperature=0).strip()
     assert cli.main(args[:-4] + ["--activations", "int8"]) == 2
     assert "activations='int8' needs quantized weights" in capsys.readouterr().err
+
+
+def test_serve_builds_with_int8_activations(dense_dir):  # noqa: F811
+    """`llama-mm serve --quantize int4 --activations int8`: the server's engine runs the int8-activation model."""
+    from llama_mm.serve import build_service
+
+    write_tokenizer_files(dense_dir, vocab_size=TEXT["vocab_size"])
+    service = build_service(dense_dir, quantize="int4", activations="int8")
+    try:
+        model = service.engine.model
+        assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int8"}
+    finally:
+        service.engine.close()
