@@ -81,13 +81,15 @@ def test_int8_activation_arguments(dense_dir, build_case, capsys):  # noqa: F811
 
 
 def test_serve_builds_with_int8_activations(dense_dir):  # noqa: F811
-    """`llama-mm serve --quantize int4 --activations int8`: the server's engine runs the int8-activation model."""
+    """`llama-mm serve --quantize int4 --group-size 32 --quantize-lm-head --activations int8`: the server's engine
+    runs that model."""
     from llama_mm.serve import build_service
 
     write_tokenizer_files(dense_dir, vocab_size=TEXT["vocab_size"])
-    service = build_service(dense_dir, quantize="int4", activations="int8")
+    service = build_service(dense_dir, quantize="int4", group_size=32, quantize_lm_head=True, activations="int8")
     try:
-        model = service.engine.model
-        assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int8"}
+        layers = [m for m in service.engine.model.modules() if isinstance(m, QuantLinear)]
+        assert {(m.activations, m.group_size) for m in layers} == {("int8", 32)}
+        assert isinstance(service.engine.model.language_model.lm_head, QuantLinear)
     finally:
         service.engine.close()

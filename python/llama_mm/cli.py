@@ -7,7 +7,11 @@ import time
 from pathlib import Path
 
 
-def _activations_arg(p: argparse.ArgumentParser) -> None:
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the text decoder's linear weights on load (weight-only, symmetric)")
+    p.add_argument("--group-size", type=int, default=128, help="inputs per quantization scale (default 128)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: quantize lm_head too")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="with quantized weights: int8 multiplies them by int8 activations (per 32 values, integer "
                         "products: faster on the CPU, not exact); float (default) keeps float32 products")
@@ -23,11 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="quantize the text decoder's linear weights on load (weight-only, symmetric)")
-    p.add_argument("--group-size", type=int, default=128, help="inputs per quantization scale (default 128)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: quantize lm_head too")
-    _activations_arg(p)
+    _quantize_args(p)
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
@@ -207,8 +207,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the text weights on load")
-    _activations_arg(p)
+    _quantize_args(p)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache pool (self- and cross-attention)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")

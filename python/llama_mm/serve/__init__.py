@@ -15,9 +15,10 @@ BUILTIN_MODEL_ID = "llama_mm-builtin"
 MAX_BODY_BYTES = 64 * 2**20  # --max-body-bytes default
 
 
-def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, activations="float", max_batch=16,
-                  kv_cache_mb=512, max_queue=256, image_cache_mb=image_cache.DEFAULT_MB,
-                  limits: MediaLimits | None = None, model_id: str | None = None):
+def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, group_size=128, quantize_lm_head=False,
+                  activations="float", max_batch=16, kv_cache_mb=512, max_queue=256,
+                  image_cache_mb=image_cache.DEFAULT_MB, limits: MediaLimits | None = None,
+                  model_id: str | None = None):
     """Loads the checkpoint (None: the built-in model) and starts a BatchEngine over it: a Service."""
     from ..batching import BatchEngine
     from ..generator import Generator
@@ -27,9 +28,8 @@ def build_service(model_dir=None, *, device=None, dtype=None, quantize=None, act
 
     text_side = Generator.__new__(Generator)  # processor, config, defaults: the weights load below
     text_side.init_text_side(model_dir)
-    extra = {} if quantize is None else {"quantize": quantize}
-    model = load_model(text_side.model_dir, device=device, dtype=dtype, progress=True, activations=activations,
-                       **extra)
+    model = load_model(text_side.model_dir, device=device, dtype=dtype, progress=True, quantize=quantize,
+                       group_size=group_size, quantize_lm_head=quantize_lm_head, activations=activations)
     engine = BatchEngine(model, max_batch=max_batch, kv_cache_mb=kv_cache_mb, max_queue=max_queue,
                          image_cache_mb=image_cache_mb)
     if model_id is None:
@@ -49,6 +49,7 @@ def main(args) -> int:
     if limits.allowed_dir is not None and not limits.allowed_dir.is_dir():
         raise ValueError(f"--allowed-media-dir {args.allowed_media_dir!r} is not a directory")
     service = build_service(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                            group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                             activations=args.activations,
                             max_batch=args.max_batch, kv_cache_mb=args.kv_cache_mb, max_queue=args.max_queue,
                             image_cache_mb=args.image_cache_mb, limits=limits)
