@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import MllamaConfig
 from .quant.checkpoint import split_quantized
-from .quant.layers import install_quantized, set_activations, text_linear_names
+from .quant.layers import check_activations, install_quantized, set_activations, text_linear_names
 from .quant.rtn import QuantizedWeight, quantize_weight
 from .quant.scheme import QuantScheme
 from .text import CrossAttentionLayer, LanguageModel
@@ -174,7 +174,8 @@ def load_model(model_dir: str | Path, device=None, dtype=None, progress: bool = 
                          f"(config.json quantization_config: {cfg.quant_scheme}); load it without quantize=")
     if quantize_lm_head and scheme is None:
         raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
-    if activations == "int8" and (scheme is None and cfg.quant_scheme is None or dev.type != "cpu"):
+    check_activations(activations)  # before the weights load (minutes for an 11B)
+    if activations == "int8" and ((scheme is None and cfg.quant_scheme is None) or dev.type != "cpu"):
         raise ValueError("activations='int8' needs quantized weights (quantize='int8' / 'int4' or a "
                          f"compressed-tensors checkpoint) on the CPU; got quantize={quantize!r}, device {dev}")
     tensors = load_checkpoint(model_dir)

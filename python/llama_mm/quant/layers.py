@@ -120,12 +120,16 @@ def install_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], d
         setattr(model.get_submodule(parent), leaf, layer)
 
 
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} is not supported (use one of {list(ACTIVATIONS)})")
+
+
 def set_activations(model: nn.Module, activations: str) -> None:
     """How every QuantLinear of `model` takes its input: "float" (as is: products in float32, the default) or
     "int8" (quantized per 32 values, integer products: faster on CPUs, not exact). ValueError when `model` has no
     quantized layer, a layer is not on the CPU (the int8 kernel is CPU-only) or its inputs are not a multiple of 32."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations={activations!r} is not supported (use one of {list(ACTIVATIONS)})")
+    check_activations(activations)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if activations == "int8":
         if not layers:
