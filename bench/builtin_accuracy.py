@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--activations", default="float", choices=["float", "int8"])
     ap.add_argument("--out", default=None, help="default: bench/results/builtin_accuracy[_<quantize>].json")
     args = ap.parse_args()
-    suffix = ("_" + args.quantize if args.quantize else "") + ("_int8_activations" if args.activations == "int8" else "")
+    suffix = ("_" + args.quantize if args.quantize else "") + \
+        ("_int8_activations" if args.activations == "int8" else "")
     args.out = args.out or str(ROOT / "bench" / "results" / f"builtin_accuracy{suffix}.json")
 
     gen = Generator(quantize=args.quantize, group_size=args.group_size, activations=args.activations)

@@ -74,7 +74,8 @@ Linear Linear::load(const WeightMap& w, const std::string& module, bool int8_act
 }
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
-  auto y = quantized() ? dispatch::qlinear(x, packed, scale, zero, bits, group_size, int8_activations) : dispatch::matmul_t(x, w);
+  auto y = quantized() ? dispatch::qlinear(x, packed, scale, zero, bits, group_size, int8_activations)
+                        : dispatch::matmul_t(x, w);
   if (!lora_a.defined()) return y;
   auto xf = x.to(lora_a.scalar_type());
   return y + dispatch::matmul_t(dispatch::matmul_t(xf, lora_a), lora_b).to(y.scalar_type());

@@ -287,7 +287,8 @@ void rows_avx2(const A8Args<SC>& a, const int64_t* n, int64_t m0) {
     }
   }
   for (int s = 0; s < S; ++s)
-    for (int b = 0; b < B; ++b) a.y[(m0 + b) * a.N + n[s]] = qrows::hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
+    for (int b = 0; b < B; ++b)
+      a.y[(m0 + b) * a.N + n[s]] = qrows::hsum8(total[s][b]) - zero_term<BITS>(a, n[s], m0 + b);
 }
 
 #endif

@@ -30,8 +30,8 @@ else:
 NATIVE: bool = _C is not None
 CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
 
-__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "qlinear", "qlinear_a8", "rms_norm_ref",
-           "rope_ref", "silu_mul_ref", "paged_attention_ref", "qlinear_ref", "qlinear_dequantize",
+__all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "qlinear", "qlinear_a8",
+           "rms_norm_ref", "rope_ref", "silu_mul_ref", "paged_attention_ref", "qlinear_ref", "qlinear_dequantize",
            "quantize_activations_ref", "qlinear_a8_ref"]
 
 
