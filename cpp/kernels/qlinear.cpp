@@ -94,13 +94,9 @@ void rows_scalar(const QMat<SC>& a, const int64_t* n, int64_t m0) {
 
 constexpr int64_t kChunk32 = 32;  // values per step of the AVX2 loop
 
-// Values 2e (e < 16) then 2e + 1 of every 32-value chunk: the order the int4 chunk loader produces.
+// x [K] laid out for the int4 vector loop: per 32-value chunk, values 2e (e < 16) then 2e + 1.
 inline void x_order_32(const float* x, float* out, int64_t K) {
-  for (int64_t c = 0; c < K; c += kChunk32)
-    for (int64_t e = 0; e < 16; ++e) {
-      out[c + e] = x[c + 2 * e];
-      out[c + 16 + e] = x[c + 2 * e + 1];
-    }
+  for (int64_t k = 0; k < K; ++k) out[qrows::even_odd_position(k, kChunk32)] = x[k];
 }
 
 #if defined(__AVX2__) && defined(__FMA__)

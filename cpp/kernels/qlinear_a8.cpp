@@ -49,7 +49,7 @@ struct A8Args {
   const SC* scale;     // [N, G]
   const int8_t* zero;  // [N, G] or null
   int64_t K, G, gs, N;
-  const int8_t* xq;    // [M, K], in the kernel's order (step_order)
+  const int8_t* xq;    // [M, K]: int4 on the vector path even/odd per step (qrows::even_odd_position), else in order
   const float* d;      // [M, K / 32] block scales
   const float* dsteps; // vector path: [M, K / STEP, 8] the block scale of each lane of a step's products
   const float* xsum;   // [M, G]: sum_{k in g} d[block of k] * xq[k]
@@ -159,12 +159,7 @@ void quantize_row(const float* x, int64_t K, int64_t gs, int64_t chunk, int8_t* 
     }
     for (int64_t i = 0; i < kB; ++i) {
       const int64_t k = b * kB + i;
-      if (chunk == 0) {
-        xq[k] = q[i];
-      } else {  // position within the chunk: even k -> k / 2, odd k -> chunk / 2 + k / 2
-        const int64_t c = k - k % chunk, j = k % chunk;
-        xq[c + (j % 2) * (chunk / 2) + j / 2] = q[i];
-      }
+      xq[chunk ? qrows::even_odd_position(k, chunk) : k] = q[i];
     }
   }
 }

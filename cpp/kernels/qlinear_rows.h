@@ -56,6 +56,14 @@ void parallel_walk(const Rows& rows, int64_t M, int64_t N, int64_t row_bytes) {
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { walk(rows, M, n0, n1); });
 }
 
+// Where value k of x goes when x is laid out, per chunk of `chunk` values (an even number), even positions first
+// and odd ones after: the order in which the int4 loaders produce a chunk's weights (low nibbles are the even k,
+// high nibbles the odd k), so x is reordered once per call instead of every weight.
+inline int64_t even_odd_position(int64_t k, int64_t chunk) {
+  const int64_t j = k % chunk;
+  return k - j + (j % 2) * (chunk / 2) + j / 2;
+}
+
 #if defined(__AVX2__)
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
