@@ -4,7 +4,8 @@ float32 x vectors widened from the input dtype at every step, two accumulators p
 
     PYTHONPATH=python python bench/batch_gemv.py     # writes bench/results/batch_gemv.json
 
-The previous kernel is compiled here from git (revision BASE, its namespace renamed) with the CMake build's flags.
+The previous kernel is compiled here from git (revision BASE, its namespace renamed) with the CMake build's flags,
+OpenMP included (at::parallel_for runs on one thread without it).
 Physical limit: one call reads the weight once, so bytes / read bandwidth (measured here: a multi-threaded sum over
 a 1 GiB tensor, best of 5) bounds its time from below.
 """
@@ -49,8 +50,8 @@ def base_kernel():
     isa = "AVX512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
     return cpp_extension.load_inline(
         "llama_mm_base_gemv", [src], extra_include_paths=[str(ROOT / "cpp" / "kernels")],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", f"-DCPU_CAPABILITY={isa}",
-                      f"-DCPU_CAPABILITY_{isa}"], verbose=False)
+        extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off", f"-DCPU_CAPABILITY={isa}",
+                      f"-DCPU_CAPABILITY_{isa}"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def read_bandwidth_gbps() -> float:

@@ -120,6 +120,46 @@ def test_alone_equals_engine_and_transformers(setup, case):
     assert got.tokens == hf_greedy(ref, inputs, n)
 
 
+@pytest.fixture(scope="module")
+def wide_setup(tmp_path_factory):
+    """Tiles of 112 pixels: 65 image keys per tile, 260 per image (4 tile slots), so that the masked keys of an
+    image with fewer tiles reach past whole blocks of 64 (the granularity of the decode key cut)."""
+    ref = build_reference(vision=dict(image_size=112), attn_implementation="sdpa", seed=23)
+    ck = write_checkpoint(tmp_path_factory.mktemp("wide"), ref)
+    return ref, llama_mm.load_model(ck)
+
+
+WIDE_CASES = {  # decode rows attend keys [0, 65) of 260; [0, 325) of 520; all 260 (no cut)
+    "one-tile": dict(aspect_ratios=((1, 1),)),
+    "two-images": dict(images_per_row=2, aspect_ratios=((1, 2), (1, 1))),
+    "four-tiles": dict(aspect_ratios=((2, 2),)),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_masked_image_keys_cut_after_the_prompt(wide_setup, case):
+    """After the prompt, decode rows keep only the image keys up to the last one they attend (rounded up to 64):
+    tokens still equal transformers' and the single-request engine's (which cuts the same way), and the cut keys'
+    charge returns to the KV budget while the request decodes."""
+    ref, model = wide_setup
+    inputs = random_inputs(ref, seq=10, seed=5, **WIDE_CASES[case])
+    n = 12
+    engine = BatchEngine(model, prefill_chunk=4)
+    try:
+        got = submit(engine, dict(inputs=inputs, n=n), Collector(engine)).wait()
+        decoding = []
+        submit(engine, dict(inputs=inputs, n=4), Collector(on_token=lambda c: decoding.append(engine.stats()))).wait()
+    finally:
+        engine.close()
+    assert got.tokens == hf_greedy(ref, inputs, n)
+    assert got.tokens == Engine(model).run(inputs, n)[0].tolist()
+    keys = {"one-tile": 128, "two-images": 384, "four-tiles": 260}[case]  # decode keys after the cut
+    per_key = 2 * 2 * ref.config.text_config.num_key_value_heads * 16 * 4  # 2 cross layers, K and V, fp32
+    block = block_bytes(model, 16)
+    expected = 1 + -(-keys * per_key // block)  # one block of self-attention K/V (< 16 tokens) + the image charge
+    assert [d["kv_blocks_used"] for d in decoding[1:3]] == [expected, expected]  # mid-answer
+
+
 def mixed_requests(ref):
     """12 requests: prompt lengths 5-30, one or two images of several shapes or none, budgets 3-20, greedy and
     seeded sampling (one with a repetition penalty)."""

@@ -163,6 +163,8 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   }
   auto x = prefill(at::embedding(w_->embed, input_ids.to(dev)), positions);  // (B, T, C)
   length_ = T;
+  if (has_image_) cut_masked_cross_keys(step_cross_mask_, cross_k_, cross_v_, w_->dtype());
+  cross_mask_ = at::Tensor();  // the prompt's rows only
   return w_->logits(x.select(1, T - 1));  // (B, V)
 }
 

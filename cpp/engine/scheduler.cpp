@@ -178,6 +178,15 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
   if (t1 < s.prompt_len) return at::Tensor();
   s.req.cross_mask = at::Tensor();  // the prompt is done: only the decode rows' masks stay
   s.req.row_mask = at::Tensor();
+  if (s.image) {
+    // the decode rows' image keys only: the charge for the keys cut goes back to the budget
+    cut_masked_cross_keys(s.step_cross_mask, s.cross_k, s.cross_v, w_->dtype());
+    s.image_tokens = s.step_cross_mask.size(1);
+    const int64_t image_blocks = cache_.blocks_for(0, s.image_tokens);
+    cache_.unreserve(s.image_blocks - image_blocks, s.image_blocks - image_blocks);
+    s.reserved -= s.image_blocks - image_blocks;
+    s.image_blocks = image_blocks;
+  }
   return w_->logits(x.select(1, n - 1));  // (1, V)
 }
 

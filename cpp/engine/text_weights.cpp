@@ -70,6 +70,27 @@ std::pair<at::Tensor, at::Tensor> TextWeights::cross_kv(const Layer& l, const at
   return {k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()};  // (B, Hkv, S, D)
 }
 
+void cut_masked_cross_keys(at::Tensor& step_mask, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v,
+                           at::ScalarType model_dtype) {
+  TORCH_CHECK(step_mask.dim() == 2 && step_mask.scalar_type() == at::kFloat,
+              "cut_masked_cross_keys: step_mask must be [B, S] float32, got ", step_mask.sizes(), " ",
+              step_mask.scalar_type());
+  const int64_t S = step_mask.size(1);
+  const auto attended = step_mask.ne(dispatch::lowest(model_dtype)).any(0).nonzero();  // (n, 1) key indices
+  if (attended.numel() == 0) return;
+  const int64_t last = attended.max().item<int64_t>();
+  const int64_t keep = std::min(S, (last + kDecodeKeyAlign) / kDecodeKeyAlign * kDecodeKeyAlign);
+  if (keep == S) return;
+  step_mask = step_mask.narrow(1, 0, keep).contiguous();
+  for (size_t i = 0; i < k.size(); ++i) {
+    if (!k[i].defined()) continue;
+    TORCH_CHECK(k[i].size(2) == S && v[i].size(2) == S, "cut_masked_cross_keys: layer ", i, " K/V hold ",
+                k[i].size(2), " keys, the mask ", S);
+    k[i] = k[i].narrow(2, 0, keep).contiguous();  // (B, Hkv, keep, D), a copy: the cut keys' memory is freed
+    v[i] = v[i].narrow(2, 0, keep).contiguous();
+  }
+}
+
 at::Tensor TextWeights::logits(const at::Tensor& x) const {
   return lm_head(dispatch::rms_norm(x, final_norm, cfg.rms_norm_eps));
 }
