@@ -126,6 +126,9 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("engine"), py::arg("max_batch"), py::arg("kv_cache_mb"), py::arg("block_size"),
            py::arg("prefill_chunk"))
+      .def("max_new_tokens_fitting", &llama_mm::Scheduler::max_new_tokens_fitting,
+           "The most new tokens a request of these sizes can be given (the context and the whole KV pool)",
+           py::arg("prompt_tokens"), py::arg("image_tokens"))
       .def("fit_error", &llama_mm::Scheduler::fit_error, "Why a request of these sizes can never run ('' if it can)",
            py::arg("prompt_tokens"), py::arg("max_new_tokens"), py::arg("image_tokens"))
       .def("add",

@@ -94,6 +94,33 @@ def test_chat_matches_generator(client, model_id, gen, name):
     assert r.choices[0].finish_reason == ("length" if gen.last_token_count == 24 else "stop")
 
 
+@pytest.mark.parametrize("name", ["text only", "one image"])
+def test_no_max_tokens_gets_what_the_pool_holds(ckpt, gen, name):
+    """Without max_tokens (the openai client's default) a request may run to what the model's context and the whole
+    KV pool hold: on a pool of 12 blocks (192 tokens, fewer than the 512-token context) it is answered, with the
+    budget computed here from the config, instead of refused for not fitting the context."""
+    t = gen.model.cfg.text
+    D, Hkv = t.hidden_size // t.num_attention_heads, t.num_key_value_heads
+    n_cross = len(t.cross_attention_layers)
+    block = (t.num_hidden_layers - n_cross) * 2 * Hkv * 16 * D * 4  # bytes of one 16-token block, fp32
+    service, srv = start_server(ckpt, kv_cache_mb=12 * block / 2**20)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        conversation, images = CONVERSATIONS[name]
+        msgs, template = split(conversation)
+        r = client.chat.completions.create(model=service.model_id, messages=msgs, temperature=0)
+    finally:
+        srv.stop()
+    image_keys = len(images) * gen.model.cfg.vision.max_num_tiles * gen.model.cfg.vision.num_patches
+    image_blocks = -(-image_keys * n_cross * 2 * Hkv * D * 4 // block)
+    budget = (12 - image_blocks) * 16 - r.usage.prompt_tokens
+    expected = gen.chat(template, images=images or None, max_new_tokens=budget, temperature=0)
+    assert 0 < budget < 512 - r.usage.prompt_tokens
+    assert r.choices[0].message.content == expected
+    assert r.usage.completion_tokens == gen.last_token_count <= budget
+    assert r.choices[0].finish_reason == ("length" if gen.last_token_count == budget else "stop")
+
+
 def test_stream_concatenates_to_the_same_text(client, model_id):
     msgs, _ = split(CONVERSATIONS["two images"][0])
     whole = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=30, temperature=0)

@@ -57,6 +57,11 @@ std::string Scheduler::fit_error(int64_t prompt_tokens, int64_t max_new_tokens, 
   return "";
 }
 
+int64_t Scheduler::max_new_tokens_fitting(int64_t prompt_tokens, int64_t image_tokens) const {
+  const int64_t pool_tokens = (cache_.num_blocks() - cache_.blocks_for(0, image_tokens)) * cache_.block_size();
+  return std::max<int64_t>(0, std::min(w_->cfg.max_positions, pool_tokens) - prompt_tokens);
+}
+
 void Scheduler::add(BatchRequest r) {
   const auto& ids = r.input_ids;
   TORCH_CHECK_VALUE(ids.defined() && ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.numel() > 0,

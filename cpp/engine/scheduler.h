@@ -59,6 +59,8 @@ class Scheduler {
 
   // Empty when a request of these sizes can ever run, else why not (naming the numbers).
   std::string fit_error(int64_t prompt_tokens, int64_t max_new_tokens, int64_t image_tokens) const;
+  // The most new tokens a request of these sizes can be given (the context and the whole pool); 0 if none.
+  int64_t max_new_tokens_fitting(int64_t prompt_tokens, int64_t image_tokens) const;
   // Queues a request (checked: shapes, ids, sampling, fit); runs from a later step.
   void add(BatchRequest r);
   // Ends a queued or running request now, freeing its blocks; its "cancelled" event (none if the id is unknown).

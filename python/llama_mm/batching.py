@@ -102,11 +102,13 @@ class BatchEngine:
         self._thread.start()
 
     # ---- the caller's side -----------------------------------------------------------------------------------------
-    def submit(self, inputs: dict, *, max_new_tokens: int, params: SamplingParams, stop_ids: Sequence[int],
+    def submit(self, inputs: dict, *, max_new_tokens: int | None, params: SamplingParams, stop_ids: Sequence[int],
                logprobs: int = 0, on_event: Callback) -> RequestHandle:
-        """Queues one prompt (the processor's dict for ONE prompt). Raises QueueFull, RequestTooLarge or
-        ValueError (bad inputs / sampling) here, before anything is queued."""
-        _positive_int("max_new_tokens", max_new_tokens)
+        """Queues one prompt (the processor's dict for ONE prompt). max_new_tokens None: as many as the model's
+        context and the whole KV pool allow for this prompt and its images (max_new_tokens_fitting). Raises
+        QueueFull, RequestTooLarge or ValueError (bad inputs / sampling) here, before anything is queued."""
+        if max_new_tokens is not None:
+            _positive_int("max_new_tokens", max_new_tokens)
         _positive_int("logprobs", logprobs, minimum=0)
         if logprobs > self.model.cfg.text.vocab_size:
             raise ValueError(f"logprobs must be <= the vocabulary size {self.model.cfg.text.vocab_size}, "
@@ -121,7 +123,7 @@ class BatchEngine:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise ValueError("inputs['input_ids'] must be a [1, T] tensor (one prompt per request), got "
                              f"{None if ids is None else tuple(getattr(ids, 'shape', ()))}")
-        self._check_fits(int(ids.shape[1]), max_new_tokens, 0)  # the context limit, before the vision tower
+        self._check_fits(int(ids.shape[1]), max_new_tokens or 1, 0)  # the context limit, before the vision tower
         with self._vision_lock:  # one image encoding at a time, so the decode steps keep their share of the cores
             ids, mask, vision, cross, rows = request_tensors(self.model, inputs, self.image_cache)
         if mask.shape != ids.shape:
@@ -135,7 +137,10 @@ class BatchEngine:
             raise ValueError(f"input_ids outside the embedding table [0, {rows_in_table})")
         if vision is not None:
             cross, rows = cross[:, :, keep], rows[:, keep]  # (1, 1, T, S), (1, T, 1)
-        self._check_fits(ids.numel(), max_new_tokens, 0 if vision is None else vision.shape[1])
+        image_tokens = 0 if vision is None else vision.shape[1]
+        if max_new_tokens is None:
+            max_new_tokens = max(1, self.max_new_tokens_fitting(ids.numel(), image_tokens))  # 0: refused below
+        self._check_fits(ids.numel(), max_new_tokens, image_tokens)
         args = (ids, vision, cross, rows, max_new_tokens, to_native(params), stop_ids, logprobs)
         with self._cond:
             if self._closing:
@@ -147,6 +152,11 @@ class BatchEngine:
             self._callbacks[rid] = on_event
             self._cond.notify()
         return RequestHandle(self, rid)
+
+    def max_new_tokens_fitting(self, prompt_tokens: int, image_tokens: int = 0) -> int:
+        """The most new tokens a request of prompt_tokens (and image_tokens image keys) can be given: the model's
+        context and the whole KV pool (admission reserves a request's whole budget); 0 when the prompt leaves none."""
+        return int(self._native.max_new_tokens_fitting(prompt_tokens, image_tokens))
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int, image_tokens: int) -> None:
         why = self._native.fit_error(prompt_tokens, max_new_tokens, image_tokens)

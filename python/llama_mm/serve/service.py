@@ -28,7 +28,7 @@ class Prepared:
     """One prompt, ready for the engine."""
     inputs: dict
     prompt_tokens: int
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: as many as fit (BatchEngine.submit)
     params: SamplingParams
     stops: list[str]
     logprobs: int | None  # None: none; k: the chosen token's logprob and k alternatives
@@ -197,10 +197,8 @@ class Service:
         except ValueError as e:
             raise bad_request(f"{param}: {e}", param) from None
         T = int(inputs["input_ids"].shape[1])
-        budget = req.token_budget()
-        if budget is None:  # OpenAI's default: up to the context (the engine refuses what its pool can't hold)
-            budget = self.context - T
-        if T + budget > self.context:
+        budget = req.token_budget()  # None (OpenAI's default): as many as the context and the KV pool allow
+        if budget is not None and T + budget > self.context:
             name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise bad_request(f"the prompt has {T} tokens; with {name} {budget} that is {T + budget}, beyond the "
                               f"model's context of {self.context} tokens", name, "context_length_exceeded")
