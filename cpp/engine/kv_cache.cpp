@@ -47,21 +47,20 @@ int64_t KvCache::blocks_for(int64_t tokens, int64_t image_tokens) const {
   return ceil_div(tokens, block_size_) + ceil_div(image_tokens * image_bytes_per_token_, block_bytes_);
 }
 
-bool KvCache::try_reserve(int64_t blocks, int64_t image_blocks) {
-  if (reserved_ + blocks > num_blocks_) return false;
-  reserved_ += blocks;
-  image_charged_ += image_blocks;
-  return true;
+void KvCache::charge_image(int64_t blocks) {
+  TORCH_INTERNAL_ASSERT(blocks >= 0 && blocks <= available(), "image charge of ", blocks, " blocks, ", available(),
+                        " available");
+  image_charged_ += blocks;
 }
 
-void KvCache::unreserve(int64_t blocks, int64_t image_blocks) {
-  reserved_ -= blocks;
-  image_charged_ -= image_blocks;
-  TORCH_INTERNAL_ASSERT(reserved_ >= 0 && image_charged_ >= 0);
+void KvCache::uncharge_image(int64_t blocks) {
+  image_charged_ -= blocks;
+  TORCH_INTERNAL_ASSERT(blocks >= 0 && image_charged_ >= 0);
 }
 
 int32_t KvCache::allocate() {
-  TORCH_INTERNAL_ASSERT(!free_.empty(), "KV pool exhausted within a reservation");
+  TORCH_INTERNAL_ASSERT(!free_.empty() && available() > 0, "KV pool exhausted: the scheduler took a block that "
+                        "was not available");
   const int32_t b = free_.back();
   free_.pop_back();
   ++allocated_;

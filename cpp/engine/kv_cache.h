@@ -1,10 +1,9 @@
 // The paged self-attention KV cache of the batching scheduler: per self-attention layer a K and a V pool
 // [num_blocks, Hkv, block_size, D] (model dtype, the weights' device), and the block accounting.
 //
-// The pool is sized from a memory budget. A request reserves, at admission, the blocks it can ever need (prompt +
-// token budget) plus its image K/V charged in blocks (those tensors live outside the pools but count against the
-// same budget), so a running request never finds the pool empty; it takes physical blocks only as its tokens
-// arrive, and everything goes back the moment it ends.
+// The pool is sized from a memory budget. Requests take physical blocks as their tokens arrive; their image K/V
+// are charged in blocks (those tensors live outside the pools but count against the same budget); everything goes
+// back the moment a request ends. Which request may take a block when is the scheduler's decision (scheduler.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,10 +30,12 @@ class KvCache {
   // Blocks in use: the physical blocks handed out plus the image K/V charged.
   int64_t used_blocks() const { return allocated_ + image_charged_; }
 
-  // Admission: reserve `blocks` (of which `image_blocks` charge image K/V) when the unreserved rest allows it.
-  bool try_reserve(int64_t blocks, int64_t image_blocks);
-  void unreserve(int64_t blocks, int64_t image_blocks);
-  // A physical block (within a reservation) and its return.
+  // Blocks neither handed out nor charged.
+  int64_t available() const { return num_blocks_ - allocated_ - image_charged_; }
+  // Image K/V charged against the budget, and returned.
+  void charge_image(int64_t blocks);
+  void uncharge_image(int64_t blocks);
+  // A physical block (one must be available) and its return.
   int32_t allocate();
   void release(std::vector<int32_t>& blocks);
 
@@ -44,7 +45,7 @@ class KvCache {
  private:
   int64_t num_blocks_, block_size_, image_bytes_per_token_;
   int64_t block_bytes_;
-  int64_t reserved_ = 0, allocated_ = 0, image_charged_ = 0;
+  int64_t allocated_ = 0, image_charged_ = 0;
   std::vector<int32_t> free_;
   std::vector<at::Tensor> k_, v_;
 };

@@ -18,7 +18,8 @@ constexpr int64_t kMaxBatch = 64;  // gemv's batch-invariant limit
 struct Scheduler::Sequence {
   BatchRequest req;
   int64_t prompt_len = 0, image_tokens = 0;
-  int64_t reserved = 0, image_blocks = 0;  // blocks promised by the cache at admission
+  int64_t need = 0;          // blocks it can ever hold: prompt + token budget + image charge (worst case)
+  int64_t image_blocks = 0;  // image K/V charged (from admission)
   std::vector<int32_t> blocks;             // the block table
   int64_t length = 0;                      // tokens whose K/V are in the cache
   int64_t generated = 0;
@@ -89,8 +90,8 @@ void Scheduler::add(BatchRequest r) {
   const std::string why = fit_error(T, r.max_new_tokens, s->image_tokens);
   TORCH_CHECK_VALUE(why.empty(), why);
   s->prompt_len = T;
-  s->reserved = cache_.blocks_for(T + r.max_new_tokens, s->image_tokens);
-  s->image_blocks = s->reserved - cache_.blocks_for(T + r.max_new_tokens, 0);
+  s->need = cache_.blocks_for(T + r.max_new_tokens, s->image_tokens);
+  s->image_blocks = s->need - cache_.blocks_for(T + r.max_new_tokens, 0);
   s->gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(r.sampling.seed));
   if (r.sampling.repetition_penalty != 1.0) {
     const int64_t V = w_->cfg.vocab_size;
@@ -103,17 +104,48 @@ void Scheduler::add(BatchRequest r) {
   waiting_.push_back(std::move(s));
 }
 
+// Banker's rule in admission order: the state where active_[j] holds `k` more blocks (j == active_.size(): a
+// request being admitted, holding k, that can ever need `need_new`) is safe when the requests can finish one after
+// another, oldest first, each taking what it may still need from what is free plus what the older ones gave back.
+// Only safe states are entered, so the oldest request can always take its next block: no request ever has to be
+// evicted, and nobody reserves a whole token budget up front.
+bool Scheduler::safe_with(size_t j, int64_t k, int64_t need_new) const {
+  int64_t free = cache_.available() - k;
+  if (free < 0) return false;
+  const size_t n = active_.size() + (j == active_.size() ? 1 : 0);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t held = 0, need = need_new;
+    if (i < active_.size()) {
+      const Sequence& s = *active_[i];
+      if (s.done) continue;
+      held = static_cast<int64_t>(s.blocks.size()) + s.image_blocks;
+      need = s.need;
+    }
+    if (i == j) held += k;
+    if (need - held > free) return false;
+    free += held;
+  }
+  return true;
+}
+
 void Scheduler::admit() {
   while (!waiting_.empty() && static_cast<int64_t>(active_.size()) < cfg_.max_batch) {
     Sequence& s = *waiting_.front();
-    if (!cache_.try_reserve(s.reserved, s.image_blocks)) break;  // first come, first served
+    if (!safe_with(active_.size(), s.image_blocks, s.need)) break;  // first come, first served
+    cache_.charge_image(s.image_blocks);
     active_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
 }
 
-void Scheduler::ensure_blocks(Sequence& s, int64_t tokens) {
-  while (static_cast<int64_t>(s.blocks.size()) * cache_.block_size() < tokens) s.blocks.push_back(cache_.allocate());
+bool Scheduler::grow(Sequence& s, int64_t tokens) {
+  const int64_t k = (tokens + cache_.block_size() - 1) / cache_.block_size() - static_cast<int64_t>(s.blocks.size());
+  if (k <= 0) return true;
+  size_t j = 0;
+  while (active_[j].get() != &s) ++j;
+  if (!safe_with(j, k, 0)) return false;
+  for (int64_t i = 0; i < k; ++i) s.blocks.push_back(cache_.allocate());
+  return true;
 }
 
 // Prompt tokens [length, length + n) of one request (B = 1): their K/V into its blocks, attention over all its
@@ -138,7 +170,7 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
     s.step_row_mask = s.req.row_mask.select(1, s.prompt_len - 1).unsqueeze(1).contiguous();  // (1, 1, 1)
     s.req.vision_states = at::Tensor();
   }
-  ensure_blocks(s, t1);
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(s.blocks.size()) * bs >= t1, "prefill before grow()");
   auto pos = at::arange(t0, t1, long_opts);                                    // (n,)
   auto table = at::tensor(std::vector<int64_t>(s.blocks.begin(), s.blocks.end()), at::kLong).to(dev);
   auto slot_block = table.index_select(0, at::div(pos, bs, "floor"));          // (n,)
@@ -188,8 +220,8 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
     cut_masked_cross_keys(s.step_cross_mask, s.cross_k, s.cross_v, w_->dtype());
     s.image_tokens = s.step_cross_mask.size(1);
     const int64_t image_blocks = cache_.blocks_for(0, s.image_tokens);
-    cache_.unreserve(s.image_blocks - image_blocks, s.image_blocks - image_blocks);
-    s.reserved -= s.image_blocks - image_blocks;
+    cache_.uncharge_image(s.image_blocks - image_blocks);
+    s.need -= s.image_blocks - image_blocks;
     s.image_blocks = image_blocks;
   }
   return w_->logits(x.select(1, n - 1));  // (1, V)
@@ -206,7 +238,7 @@ at::Tensor Scheduler::decode(const std::vector<Sequence*>& rows) {
   std::vector<int64_t> image_rows;
   for (int64_t b = 0; b < B; ++b) {
     Sequence& s = *rows[b];
-    ensure_blocks(s, s.length + 1);
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(s.blocks.size()) * bs > s.length, "decode before grow()");
     tokens[b] = s.next_token;
     pos[b] = s.length;  // a request's prompt has no padding: positions count its tokens
     slot_block[b] = s.blocks[s.length / bs];
@@ -290,8 +322,8 @@ void Scheduler::sample(Sequence& s, const at::Tensor& logits_in, std::vector<Bat
 
 BatchEvent Scheduler::finish(Sequence& s, const std::string& reason, const std::string& error) {
   cache_.release(s.blocks);
-  cache_.unreserve(s.reserved, s.image_blocks);
-  s.reserved = s.image_blocks = 0;
+  cache_.uncharge_image(s.image_blocks);
+  s.image_blocks = s.need = 0;
   s.cross_k.clear();
   s.cross_v.clear();
   s.done = true;
@@ -313,7 +345,7 @@ std::vector<BatchEvent> Scheduler::cancel(int64_t id) {
   std::vector<BatchEvent> events;
   for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
     if ((*it)->req.id != id) continue;
-    BatchEvent e;  // never admitted: nothing reserved
+    BatchEvent e;  // never admitted: nothing held
     e.id = id;
     e.finish = "cancelled";
     e.prompt_tokens = (*it)->prompt_len;
@@ -355,11 +387,11 @@ std::vector<BatchEvent> Scheduler::step() {
     Sequence& s = *sp;
     if (s.length < s.prompt_len) {
       const int64_t n = std::min(cfg_.prefill_chunk - s.length % cfg_.prefill_chunk, s.prompt_len - s.length);
-      if (n > budget) continue;
+      if (n > budget || !grow(s, s.length + n)) continue;  // waits for blocks (see safe_with)
       budget -= n;
       auto logits = prefill_chunk(s, n);
       if (logits.defined()) sample(s, logits, events);
-    } else {
+    } else if (grow(s, s.length + 1)) {  // else it waits this step for a block (see safe_with)
       decoding.push_back(&s);
     }
   }

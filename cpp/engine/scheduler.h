@@ -81,7 +81,9 @@ class Scheduler {
   at::Tensor prefill_chunk(Sequence& s, int64_t n);  // logits [1, V] at the prompt's end, else undefined
   at::Tensor decode(const std::vector<Sequence*>& rows);  // logits [B, V]
   void sample(Sequence& s, const at::Tensor& logits, std::vector<BatchEvent>& events);
-  void ensure_blocks(Sequence& s, int64_t tokens);
+  bool safe_with(size_t j, int64_t k, int64_t need_new) const;  // see scheduler.cpp
+  // Blocks for `tokens` tokens of s when safe_with allows them; false (nothing taken): s waits this step.
+  bool grow(Sequence& s, int64_t tokens);
   BatchEvent finish(Sequence& s, const std::string& reason, const std::string& error = "");
   void remove_finished();
 

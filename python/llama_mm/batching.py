@@ -155,7 +155,7 @@ class BatchEngine:
 
     def max_new_tokens_fitting(self, prompt_tokens: int, image_tokens: int = 0) -> int:
         """The most new tokens a request of prompt_tokens (and image_tokens image keys) can be given: the model's
-        context and the whole KV pool (admission reserves a request's whole budget); 0 when the prompt leaves none."""
+        context and the whole KV pool (what it could hold running alone); 0 when the prompt leaves none."""
         return int(self._native.max_new_tokens_fitting(prompt_tokens, image_tokens))
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int, image_tokens: int) -> None:
