@@ -321,6 +321,51 @@ def test_pool_for_one_budget_at_a_time_completes_everyone(setup):
     assert final["kv_blocks_used"] == 0 and final["running"] == 0
 
 
+def test_random_load_on_a_small_pool(setup):
+    """30 requests of random prompt lengths, images and budgets (up to 7 of the pool's 12 blocks each), queued
+    together with 5 of them cancelled after their second token: every request ends (no deadlock), each one not
+    cancelled with its tokens alone, the pool never over-committed and empty at the end."""
+    ref, _, model = setup
+    rng = torch.Generator().manual_seed(4)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=rng))  # noqa: E731
+    reqs = [dict(inputs=random_inputs(ref, seq=draw(3, 30), seed=200 + i, with_image=draw(0, 1) == 1),
+                 n=draw(1, 60)) for i in range(30)]
+    cancelled = {3, 8, 14, 21, 27}
+    engine = BatchEngine(model, kv_cache_mb=12 * block_bytes(model, 16) / 2**20, max_batch=8, prefill_chunk=8)
+    try:
+        alone = serve_alone(engine, [r for i, r in enumerate(reqs) if i not in cancelled])
+        seen, handles = [], {}
+
+        def on_token(i):
+            def f(c):
+                seen.append(engine.stats())
+                if i in cancelled and len(c.tokens) == 2:
+                    handles[i].cancel()
+            return f
+
+        def queue():
+            out = []
+            for i, r in enumerate(reqs):
+                c = Collector(on_token=on_token(i))
+                handles[i] = engine.submit(r["inputs"], max_new_tokens=r["n"], params=GREEDY, stop_ids=[],
+                                           on_event=c)
+                out.append(c)
+            return out
+
+        together = [c.wait() for c in while_held(engine, random_inputs(ref, seq=4, seed=199, with_image=False),
+                                                 queue)]
+        final = engine.stats()
+    finally:
+        engine.close()
+    kept = [c for i, c in enumerate(together) if i not in cancelled]
+    assert [c.tokens for c in kept] == [c.tokens for c in alone]
+    for i in cancelled:
+        c = together[i]
+        assert c.finish.reason == ("cancelled" if reqs[i]["n"] > 2 else "length"), i
+    assert max(s["kv_blocks_used"] for s in seen) <= 12
+    assert final["kv_blocks_used"] == 0 and final["running"] == 0 and final["waiting"] == 0
+
+
 def test_request_that_can_never_fit_is_refused(setup):
     ref, _, model = setup
     engine = BatchEngine(model, kv_cache_mb=10 * block_bytes(model, 16) / 2**20)
