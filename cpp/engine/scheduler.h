@@ -6,6 +6,10 @@
 // chunks whose boundaries depend on its own prompt and prefill_chunk only; every op of the decode step computes a
 // row from that row's inputs in a fixed order (gemv, paged_attention, cross_attention, rms_norm, rope, silu_mul).
 //
+// Memory: a request is admitted, and takes KV blocks as its tokens arrive, only while the state stays safe (banker's
+// rule, Scheduler::safe_with): a request that would leave an older one unable to finish waits a step instead, so
+// nothing is reserved up front and nothing is ever evicted. Waiting a step changes none of a request's arithmetic.
+//
 // Not thread-safe: one thread (the Python engine thread) calls it.
 #pragma once
 
