@@ -172,6 +172,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("has_work", &llama_mm::Scheduler::has_work)
       .def_property_readonly("running", &llama_mm::Scheduler::running)
       .def_property_readonly("waiting", &llama_mm::Scheduler::waiting)
+      .def_property_readonly("waiting_for_blocks", &llama_mm::Scheduler::waiting_for_blocks)
       .def_property_readonly("kv_blocks_used", [](const llama_mm::Scheduler& s) { return s.cache().used_blocks(); })
       .def_property_readonly("kv_blocks_total", [](const llama_mm::Scheduler& s) { return s.cache().num_blocks(); })
       .def_property_readonly("kv_block_size", [](const llama_mm::Scheduler& s) { return s.cache().block_size(); });

@@ -310,15 +310,17 @@ def test_pool_for_one_budget_at_a_time_completes_everyone(setup):
     engine = BatchEngine(model, kv_cache_mb=mb, max_batch=8, prefill_chunk=8)
     try:
         alone = serve_alone(engine, reqs[:2])
+        seen = []
         collectors = while_held(engine, random_inputs(ref, seq=4, seed=119, with_image=False), lambda: [
-            submit(engine, r, Collector()) for r in reqs])
+            submit(engine, r, Collector(on_token=lambda c: seen.append(engine.stats()))) for r in reqs])
         together = [c.wait() for c in collectors]
         final = engine.stats()
     finally:
         engine.close()
     assert [c.tokens for c in together[:2]] == [c.tokens for c in alone]
     assert all(c.finish.reason == "length" and len(c.tokens) == 112 for c in together)
-    assert final["kv_blocks_used"] == 0 and final["running"] == 0
+    assert max(s["waiting_for_blocks"] for s in seen) > 0  # younger requests waited for blocks, reported
+    assert final["kv_blocks_used"] == 0 and final["running"] == 0 and final["waiting_for_blocks"] == 0
 
 
 def test_random_load_on_a_small_pool(setup):

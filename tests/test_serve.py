@@ -224,7 +224,8 @@ def test_models_health_metrics(server, client, model_id, ckpt):
     assert [m.id for m in client.models.list().data] == [model_id]
     assert httpx.get(server[1].url + "/health").json()["status"] == "ok"
     text = httpx.get(server[1].url + "/metrics").text
-    for name in ("llama_mm_requests_running", "llama_mm_requests_waiting", "llama_mm_kv_blocks_used",
+    for name in ("llama_mm_requests_running", "llama_mm_requests_waiting", "llama_mm_requests_waiting_for_kv_blocks",
+                 "llama_mm_kv_blocks_used",
                  "llama_mm_kv_blocks_total", "llama_mm_generated_tokens_total",
                  "llama_mm_time_to_first_token_seconds_count", "llama_mm_time_per_output_token_seconds_count",
                  "llama_mm_requests_finished_total"):

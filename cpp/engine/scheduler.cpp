@@ -383,16 +383,23 @@ std::vector<BatchEvent> Scheduler::step() {
   // at most prefill_chunk tokens in all (at least one chunk)
   int64_t budget = cfg_.prefill_chunk;
   std::vector<Sequence*> decoding;
+  waiting_for_blocks_ = 0;
   for (auto& sp : active_) {
     Sequence& s = *sp;
     if (s.length < s.prompt_len) {
       const int64_t n = std::min(cfg_.prefill_chunk - s.length % cfg_.prefill_chunk, s.prompt_len - s.length);
-      if (n > budget || !grow(s, s.length + n)) continue;  // waits for blocks (see safe_with)
+      if (n > budget) continue;
+      if (!grow(s, s.length + n)) {  // waits for blocks (see safe_with)
+        ++waiting_for_blocks_;
+        continue;
+      }
       budget -= n;
       auto logits = prefill_chunk(s, n);
       if (logits.defined()) sample(s, logits, events);
-    } else if (grow(s, s.length + 1)) {  // else it waits this step for a block (see safe_with)
+    } else if (grow(s, s.length + 1)) {
       decoding.push_back(&s);
+    } else {  // waits this step for a block (see safe_with)
+      ++waiting_for_blocks_;
     }
   }
   remove_finished();

@@ -77,6 +77,8 @@ class Scheduler {
   bool has_work() const { return !waiting_.empty() || !active_.empty(); }
   int64_t running() const { return static_cast<int64_t>(active_.size()); }
   int64_t waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  // Admitted requests that could not take a KV block at the last step (see safe_with), so did not advance.
+  int64_t waiting_for_blocks() const { return waiting_for_blocks_; }
   const KvCache& cache() const { return cache_; }
 
  private:
@@ -96,6 +98,7 @@ class Scheduler {
   KvCache cache_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> active_;  // admitted (prefilling or decoding), in admission order
+  int64_t waiting_for_blocks_ = 0;
 };
 
 }  // namespace llama_mm

@@ -96,7 +96,7 @@ class BatchEngine:
         self._callbacks: dict[int, Callback] = {}
         self._ids = itertools.count()
         self._closing = self._cancel_all = False
-        self._stats = dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=self._native.kv_blocks_total,
+        self._stats = dict(running=0, waiting=0, waiting_for_blocks=0, kv_blocks_used=0, kv_blocks_total=self._native.kv_blocks_total,
                            kv_block_size=self._native.kv_block_size, tokens_generated=0, requests_finished=0)
         self._thread = threading.Thread(target=self._run, name="llama_mm-batching", daemon=True)
         self._thread.start()
@@ -164,7 +164,8 @@ class BatchEngine:
             raise RequestTooLarge(why)
 
     def stats(self) -> dict:
-        """running, waiting, kv_blocks_used, kv_blocks_total, kv_block_size, tokens_generated (cumulative),
+        """running, waiting, waiting_for_blocks (running requests that could not take a KV block at the last
+        step), kv_blocks_used, kv_blocks_total, kv_block_size, tokens_generated (cumulative),
         requests_finished (cumulative) as of the last step; image_cache_hits / _misses (cumulative)."""
         cache = self.image_cache.stats()
         with self._cond:
@@ -225,7 +226,8 @@ class BatchEngine:
         native = self._native
         with self._cond:
             s = self._stats
-            s.update(running=native.running, waiting=native.waiting, kv_blocks_used=native.kv_blocks_used)
+            s.update(running=native.running, waiting=native.waiting, waiting_for_blocks=native.waiting_for_blocks,
+                     kv_blocks_used=native.kv_blocks_used)
             callbacks = []
             for rid, token, logprob, top, finish, error, prompt_tokens, completion_tokens in events:
                 cb = self._callbacks.get(rid)

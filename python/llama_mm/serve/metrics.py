@@ -14,6 +14,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0
 _ENGINE_STATS = {
     "running": ("requests_running", "gauge", "Requests in the running batch"),
     "waiting": ("requests_waiting", "gauge", "Requests queued for admission"),
+    "waiting_for_blocks": ("requests_waiting_for_kv_blocks", "gauge",
+                           "Running requests that could not take a KV cache block at the last step"),
     "kv_blocks_used": ("kv_blocks_used", "gauge", "Self-attention KV cache blocks in use"),
     "kv_blocks_total": ("kv_blocks_total", "gauge", "Self-attention KV cache blocks in the pool"),
     "kv_block_size": ("kv_block_size_tokens", "gauge", "Tokens per KV cache block"),
