@@ -138,11 +138,10 @@ void Scheduler::admit() {
   }
 }
 
-bool Scheduler::grow(Sequence& s, int64_t tokens) {
+bool Scheduler::grow(size_t j, int64_t tokens) {
+  Sequence& s = *active_[j];
   const int64_t k = (tokens + cache_.block_size() - 1) / cache_.block_size() - static_cast<int64_t>(s.blocks.size());
   if (k <= 0) return true;
-  size_t j = 0;
-  while (active_[j].get() != &s) ++j;
   if (!safe_with(j, k, 0)) return false;
   for (int64_t i = 0; i < k; ++i) s.blocks.push_back(cache_.allocate());
   return true;
@@ -384,19 +383,19 @@ std::vector<BatchEvent> Scheduler::step() {
   int64_t budget = cfg_.prefill_chunk;
   std::vector<Sequence*> decoding;
   waiting_for_blocks_ = 0;
-  for (auto& sp : active_) {
-    Sequence& s = *sp;
+  for (size_t j = 0; j < active_.size(); ++j) {
+    Sequence& s = *active_[j];
     if (s.length < s.prompt_len) {
       const int64_t n = std::min(cfg_.prefill_chunk - s.length % cfg_.prefill_chunk, s.prompt_len - s.length);
       if (n > budget) continue;
-      if (!grow(s, s.length + n)) {  // waits for blocks (see safe_with)
+      if (!grow(j, s.length + n)) {  // waits for blocks (see safe_with)
         ++waiting_for_blocks_;
         continue;
       }
       budget -= n;
       auto logits = prefill_chunk(s, n);
       if (logits.defined()) sample(s, logits, events);
-    } else if (grow(s, s.length + 1)) {
+    } else if (grow(j, s.length + 1)) {
       decoding.push_back(&s);
     } else {  // waits this step for a block (see safe_with)
       ++waiting_for_blocks_;

@@ -88,8 +88,8 @@ class Scheduler {
   at::Tensor decode(const std::vector<Sequence*>& rows);  // logits [B, V]
   void sample(Sequence& s, const at::Tensor& logits, std::vector<BatchEvent>& events);
   bool safe_with(size_t j, int64_t k, int64_t need_new) const;  // see scheduler.cpp
-  // Blocks for `tokens` tokens of s when safe_with allows them; false (nothing taken): s waits this step.
-  bool grow(Sequence& s, int64_t tokens);
+  // Blocks for `tokens` tokens of active_[j] when safe_with allows them; false (nothing taken): it waits this step.
+  bool grow(size_t j, int64_t tokens);
   BatchEvent finish(Sequence& s, const std::string& reason, const std::string& error = "");
   void remove_finished();
 

@@ -96,8 +96,9 @@ class BatchEngine:
         self._callbacks: dict[int, Callback] = {}
         self._ids = itertools.count()
         self._closing = self._cancel_all = False
-        self._stats = dict(running=0, waiting=0, waiting_for_blocks=0, kv_blocks_used=0, kv_blocks_total=self._native.kv_blocks_total,
-                           kv_block_size=self._native.kv_block_size, tokens_generated=0, requests_finished=0)
+        self._stats = dict(running=0, waiting=0, waiting_for_blocks=0, kv_blocks_used=0,
+                           kv_blocks_total=self._native.kv_blocks_total, kv_block_size=self._native.kv_block_size,
+                           tokens_generated=0, requests_finished=0)
         self._thread = threading.Thread(target=self._run, name="llama_mm-batching", daemon=True)
         self._thread.start()
 
