@@ -454,12 +454,14 @@ def test_bad_requests_raise_at_submit(setup):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("K", [64, 100, 1000])
-def test_gemv_rows_do_not_depend_on_the_batch(dtype, tol, K):
+@pytest.mark.parametrize("N,K", [(37, 64), (37, 100), (37, 1000), (301, 1030)])
+def test_gemv_rows_do_not_depend_on_the_batch(dtype, tol, N, K):
+    # one row and several take different paths (4 weight streams; panels of 512 values, 6 weight rows at a time):
+    # K = 1030 is two whole panels, a part panel and a scalar tail; N = 301 several threads' tasks and a part group
     g = torch.Generator().manual_seed(K)
     x = torch.randn(64, K, generator=g).to(dtype)
-    w = (torch.randn(37, K, generator=g) / K**0.5).to(dtype)
-    full = torch.ops.llama_mm.gemv(x, w)  # (64, 37)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    full = torch.ops.llama_mm.gemv(x, w)  # (64, N)
     ref = x.double() @ w.double().T
     assert ((full.double() - ref).abs().max() / ref.abs().max()).item() <= tol
     for M in (1, 2, 3, 5, 8, 13, 33):

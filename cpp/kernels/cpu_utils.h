@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -82,6 +83,13 @@ inline void round2(fVec& lo, fVec& hi) {
   }
 }
 
+// Keeps v in a register: stops the compiler from folding a load that is used several times into each use.
+inline void in_register(fVec& v) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  asm("" : "+x"(v));
+#endif
+}
+
 inline float hsum(const fVec& v) {
   __at_align__ float a[fVec::size()];
   v.store(a);
@@ -96,6 +104,20 @@ inline __m512bh load32_bh(const at::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 #endif
+
+// f(n0, n1) over [0, N) in consecutive tasks of `task` items, each taken by whichever thread is free next. Unlike
+// at::parallel_for's even split decided in advance, a thread that runs slower (the two vCPUs of a VM rarely run
+// evenly) takes fewer tasks instead of keeping the others waiting at the end. Inside a parallel region: in order,
+// on the calling thread.
+template <typename F>
+void parallel_tasks(int64_t N, int64_t task, const F& f) {
+  const int64_t ntasks = (N + task - 1) / task;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;)
+      f(t * task, std::min(N, (t + 1) * task));
+  });
+}
 
 // Rows per at::parallel_for task so that one task touches about at::internal::GRAIN_SIZE elements.
 inline int64_t row_grain(int64_t row_elems) {
