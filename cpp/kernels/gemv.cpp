@@ -187,10 +187,10 @@ inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, fl
     for (int r = 0; r < R; ++r) a[s][r].store(acc + (s * M + r) * V);
 }
 
-// Output rows [n0, n0 + S) of y for all M rows of x (x [M, K] float32, xp its panels).
+// Output rows [n0, n0 + S) of y for all M rows of x (x [M, K] float32, xp its panels), in a task ending at row n1.
 template <typename T, int S>
 void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
-                int64_t n0, T* y) {
+                int64_t n0, int64_t n1, T* y) {
   constexpr int64_t V = fVec::size();
   const int64_t Kv = K - K % V;
   __at_align__ float acc[S * kMaxRows * V];  // [S, M, V] running lane sums
@@ -203,8 +203,12 @@ void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t 
     for (int s = 0; s < S; ++s)
       for (int64_t k = 0; k < kn; k += V) load1(wr[s] + k0 + k).store(wp + s * kPanelK + k);
     const float* xk = xp + k0 / kPanelK * M * kPanelK;
-    const char* ahead[S];  // the rows' next panel (past a row's end: the next rows'), into L2 during the first tile
-    for (int s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(wr[s] + k0 + kPanelK);
+    // the panel after this one (its rows' next, or after their last the first of the next rows of the task) into
+    // L2 during the first tile
+    const bool last = k0 + kPanelK >= Kv;
+    const char* ahead[S];
+    for (int s = 0; s < S; ++s)
+      ahead[s] = reinterpret_cast<const char*>(last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr[s] + k0 + kPanelK);
     constexpr int64_t e = sizeof(T);
     int64_t r = 0;
     for (; r + 2 <= M; r += 2) panel_tile<S, 2>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead, e);
@@ -222,7 +226,7 @@ template <typename T, int S = kPanelRows>
 void panel_block(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
                  int64_t n0, int64_t n1, T* y) {
   int64_t n = n0;
-  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, y);
+  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, n1, y);
   if constexpr (S > 1) {
     if (n < n1) panel_block<T, S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
   }
