@@ -1,13 +1,16 @@
 """The batch-invariant gemv (cpp/kernels/gemv.cpp) per batch size M, against the version it replaced (revision BASE:
-float32 x vectors widened from the input dtype at every step, two accumulators per dot product) and at::linear
-(MKL, not batch-invariant), timed interleaved.
+at two rows or more, two weight rows at a time against four x rows re-read from L2; no K panels) and at::linear
+(MKL, not batch-invariant), timed interleaved; then the products of one decode step of the 450M benchmark checkpoint
+(bench_decode.py's TEXT: every projection of its 10 layers and the lm_head, each weight read once, as the batching
+engine's step does) at M rows, this kernel against BASE's, alternated.
 
     PYTHONPATH=python python bench/batch_gemv.py     # writes bench/results/batch_gemv.json
 
 The previous kernel is compiled here from git (revision BASE, its namespace renamed) with the CMake build's flags,
 OpenMP included (at::parallel_for runs on one thread without it).
-Physical limit: one call reads the weight once, so bytes / read bandwidth (measured here: a multi-threaded sum over
-a 1 GiB tensor, best of 5) bounds its time from below.
+Physical limits: one call reads the weight once, so bytes / read bandwidth (measured here: a multi-threaded sum over
+a 1 GiB tensor, best of 5) bounds its time from below; at many rows the multiply-adds bound it too (M * N * K
+float32 FMAs: about 44 G/s per core on the dev machine's Zen 3 at its measured 2.75 GHz, 2 FMAs of 8 per cycle).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 import llama_mm.ops  # noqa: E402,F401  (registers torch.ops.llama_mm.*)
 
-BASE = "ee7cf54"  # the last commit with the previous gemv kernel
+BASE = "99c1717"  # the last commit with the previous gemv kernel (session 6)
 OUT = ROOT / "bench" / "results" / "batch_gemv.json"
 SHAPES = [(4096, 4096)]  # 11B q/o projection (N, K)
 ROWS = [1, 2, 4, 8, 16, 64]
@@ -87,6 +90,31 @@ def main() -> None:
                            **{f"{k}_us": round(v * 1e6, 1) for k, v in best.items()})
                 print(row)
                 cases.append(row)
+    # one decode step's products of the 450M benchmark checkpoint: (N, K, how many per step)
+    hidden, ffn, kv = 1024, 4096, 256
+    step_shapes = [(hidden, hidden, 8 * 2 + 2 * 2), (kv, hidden, 8 * 2), (ffn, hidden, 10 * 2), (hidden, ffn, 10),
+                   (128256, hidden, 1)]
+    steps = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ws = {sh: torch.randn(sh[0], sh[1]).to(dtype) for sh in step_shapes}
+        step_bytes = sum(sh[0] * sh[1] * sh[2] for sh in step_shapes) * ws[step_shapes[0]].element_size()
+        for M in ROWS:
+            xs = {sh: torch.randn(M, sh[1]).to(dtype) for sh in step_shapes}
+            times = {"ours": [], "previous": []}
+            for _ in range(ROUNDS):
+                for name, fn in (("ours", torch.ops.llama_mm.gemv), ("previous", base.gemv)):
+                    t = time.perf_counter()
+                    for sh in step_shapes:
+                        for _ in range(sh[2]):
+                            fn(xs[sh], ws[sh])
+                    times[name].append(time.perf_counter() - t)
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            row = dict(dtype=str(dtype).split(".")[1], M=M, ours_ms=round(med["ours"] * 1e3, 1),
+                       previous_ms=round(med["previous"] * 1e3, 1),
+                       speedup=round(sorted(b / a for a, b in zip(times["ours"], times["previous"]))[ROUNDS // 2], 2),
+                       limit_bytes_ms=round(step_bytes / (bandwidth * 1e9) * 1e3, 1))
+            print(row)
+            steps.append(row)
     record = {
         "command": "PYTHONPATH=python python bench/batch_gemv.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -98,6 +126,12 @@ def main() -> None:
         "read_bandwidth_GBps": round(bandwidth, 1),
         "limit": "limit_us = weight bytes / read_bandwidth (one read of the weight per call)",
         "cases": cases,
+        "decode_step_products": {
+            "what": "every projection of the 450M benchmark checkpoint's 10 layers (8 self-attention, 2 cross-attention) "
+                    "and its lm_head, each weight read once, at M rows; median of the rounds, speedup = median of the "
+                    "per-round previous / ours; limit_bytes_ms = the step's weight bytes / read_bandwidth",
+            "steps": steps,
+        },
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(record, indent=1) + "\n")

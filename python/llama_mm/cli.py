@@ -84,7 +84,7 @@ def cmd_generate(a) -> int:
         # timed in the engine's thread as each token is produced (the stream's consumer may lag behind it)
         s = gen.last_stats
         decode = s["decode_s_per_token"]
-        rate = f"{1 / decode:.1f} tokens/s ({decode * 1e3:.1f} ms/token)" if decode == decode else "n/a (1 token)"
+        rate = f"{1 / decode:.1f} tokens/s ({decode * 1e3:.2f} ms/token)" if decode == decode else "n/a (1 token)"
         peak = (torch.cuda.max_memory_allocated() if a.device == "cuda" else _peak_rss()) / 2**30
         print(f"[stats] load {load_s:.2f} s | time to first token {s['time_to_first_token_s']:.3f} s | "
               f"{s['tokens']} tokens | decode {rate} | peak memory {peak:.2f} GiB", file=sys.stderr)
