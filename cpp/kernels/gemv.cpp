@@ -145,12 +145,12 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
 // lane over k in order, then across lanes (hsum), then the scalar tail: dot_tile's order, bit for bit, whatever M
 // (batch invariance holds across the two paths).
 // Measured on 2 Zen 3 cores (bench/batch_gemv.py, and the products of a decode step alternated in one process):
-// from 8 rows 1.1-1.3x the tiles, at 2-4 rows even; panels of 512 values ~8% faster than 256, 1024 no better;
+// at 16-64 rows 1.2-1.3x the tiles, at 8 rows 1.0-1.1x, at 2-4 rows 0.85-1.05x (noise), hence from 8; panels of 512 values ~8% faster than 256, 1024 no better;
 // prefetching two panels ahead, or none, or spread over all pairs of x rows, slower than one panel in the first.
 // bfloat16 / float16 weights stay on the tiles: widening a panel into the buffer made 2-4 rows 0.8x, 16 rows even.
 constexpr int kPanelRows = 6;
 constexpr int64_t kPanelK = 512;
-constexpr int64_t kPanelMinRows = 2;
+constexpr int64_t kPanelMinRows = 8;
 constexpr int64_t kTaskBytes = 256 * 1024;
 
 // Number of panels of the first K - K % V values (the vector part; the rest is the scalar tail).
@@ -236,8 +236,8 @@ void panel_block(const float* x, const float* xp, int64_t M, const T* w, int64_t
 
 // Rows [n0, n1) of y from x (T, [M, K], contiguous) and w (T, [N, K], rows contiguous). One row of x: the block
 // is cut into kStreams contiguous parts walked side by side (one row of each per step), the rows left over one at a
-// time. More rows with x as bfloat16 (vdpbf16ps): two adjacent weight rows at a time, read once for all rows of x
-// (which stay in cache); with x as float32, panel_block.
+// time. More rows: two adjacent weight rows at a time, read once for all rows of x (which stay in cache); from
+// kPanelMinRows rows of float32, panel_block instead.
 constexpr int kStreams = 4;
 
 template <typename T, typename XT>
@@ -294,21 +294,25 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
     const T* wp = w.data_ptr<T>();
     const XT* xp = xw.data_ptr<XT>();
     T* yp = y.data_ptr<T>();
-    // tasks of ~256 KiB of weights (whole panel row groups) for whichever thread is free: in the batching engine's
-    // step 7% faster at 16 rows and 4% at 1 row than at::parallel_for's even split (the two alternated in one process)
-    const int64_t task = std::max<int64_t>(1, kTaskBytes / (K * w.element_size()) / kPanelRows) * kPanelRows;
     if constexpr (std::is_same_v<T, float>) {
       if (B >= kPanelMinRows) {
         auto panels = at::empty({panel_count(K), B, kPanelK}, xw.options());  // x laid out panel by panel
         const float* xpp = panels.data_ptr<float>();
         pack_x_panels(xp, B, K, panels.data_ptr<float>());
-        auto f = [&](int64_t n0, int64_t n1) { panel_block<T>(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, yp); };
-        parallel_tasks(N, task, f);
+        // tasks of ~256 KiB of weights (whole row groups) for whichever thread is free: the batching engine's step
+        // at 16 rows 7% faster than with at::parallel_for's even split (the two alternated in one process)
+        const int64_t task = std::max<int64_t>(1, kTaskBytes / (K * w.element_size()) / kPanelRows) * kPanelRows;
+        parallel_tasks(N, task, [&](int64_t n0, int64_t n1) {
+          panel_block<T>(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, yp);
+        });
         return;
       }
     }
-    auto f = [&](int64_t n0, int64_t n1) { gemv_block<T, XT>(xp, B, wp, w.stride(0), K, N, n0, n1, yp); };
-    parallel_tasks(N, task, f);
+    // at least ~64 KiB of weights per task; parallel_for gives each thread one contiguous block of rows
+    const int64_t grain = std::max<int64_t>(1, 64 * 1024 / (K * w.element_size()));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      gemv_block<T, XT>(xp, B, wp, w.stride(0), K, N, n0, n1, yp);
+    });
   };
   switch (w.scalar_type()) {
     case at::kFloat: run(float{}); break;
