@@ -127,8 +127,8 @@ def main() -> None:
         "limit": "limit_us = weight bytes / read_bandwidth (one read of the weight per call)",
         "cases": cases,
         "decode_step_products": {
-            "what": "every projection of the 450M benchmark checkpoint's 10 layers (8 self-attention, 2 cross-attention) "
-                    "and its lm_head, each weight read once, at M rows; median of the rounds, speedup = median of the "
+            "what": "every projection of the 450M benchmark checkpoint's 10 layers (8 self-attention, 2 "
+                    "cross-attention) and its lm_head, each weight read once, at M rows; median of the rounds, speedup = median of the "
                     "per-round previous / ours; limit_bytes_ms = the step's weight bytes / read_bandwidth",
             "steps": steps,
         },

@@ -135,18 +135,19 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
   }
 }
 
-// Two rows of x or more, float32 weights: each weight value is used M times, so the product is bound by the
-// multiply-adds as much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows, leave
-// the FMA units mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel by panel
-// (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K floats
-// apart do), and kPanelRows weight rows at a time are copied panel by panel into a buffer (the next panel is
+// kPanelMinRows rows of x or more, float32 weights: each weight value is used M times, so the product is bound by
+// the multiply-adds as much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows,
+// leave the FMA units mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel
+// by panel (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K
+// floats apart do), and kPanelRows weight rows at a time are copied panel by panel into a buffer (the next panel is
 // prefetched into L2 meanwhile) and multiplied, while in L1, by every pair of x rows: 6 x 2 accumulators, 6 + 2
 // loads per 12 FMAs. The accumulators wait in memory between panels, so each dot product is still summed lane by
 // lane over k in order, then across lanes (hsum), then the scalar tail: dot_tile's order, bit for bit, whatever M
 // (batch invariance holds across the two paths).
 // Measured on 2 Zen 3 cores (bench/batch_gemv.py, and the products of a decode step alternated in one process):
-// at 16-64 rows 1.2-1.3x the tiles, at 8 rows 1.0-1.1x, at 2-4 rows 0.85-1.05x (noise), hence from 8; panels of 512 values ~8% faster than 256, 1024 no better;
-// prefetching two panels ahead, or none, or spread over all pairs of x rows, slower than one panel in the first.
+// at 16-64 rows 1.1-1.3x the tiles, at 8 rows 1.0-1.1x, at 2-4 rows 0.85-1.05x (noise), hence from 8; panels of
+// 512 values ~8% faster than 256, 1024 no better; prefetching two panels ahead, or none, or spread over all pairs
+// of x rows, slower than one panel during the first pair.
 // bfloat16 / float16 weights stay on the tiles: widening a panel into the buffer made 2-4 rows 0.8x, 16 rows even.
 constexpr int kPanelRows = 6;
 constexpr int64_t kPanelK = 512;
