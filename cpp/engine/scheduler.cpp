@@ -140,7 +140,7 @@ void Scheduler::admit() {
 
 bool Scheduler::grow(size_t j, int64_t tokens) {
   Sequence& s = *active_[j];
-  const int64_t k = (tokens + cache_.block_size() - 1) / cache_.block_size() - static_cast<int64_t>(s.blocks.size());
+  const int64_t k = cache_.blocks_for(tokens, 0) - static_cast<int64_t>(s.blocks.size());
   if (k <= 0) return true;
   if (!safe_with(j, k, 0)) return false;
   for (int64_t i = 0; i < k; ++i) s.blocks.push_back(cache_.allocate());

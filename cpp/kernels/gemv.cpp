@@ -168,16 +168,14 @@ inline void pack_x_panels(const float* x, int64_t M, int64_t K, float* xp) {
 // acc[s * M + r] += w[s * kPanelK, + kn) . x[r * kPanelK, + kn) lane by lane, for R rows of x, kn % V == 0.
 // ahead[s] (if given): prefetched into L2, one line of each of the S rows every 16 k.
 template <int S, int R>
-inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, float* acc, const char* const* ahead,
-                       int64_t elem) {
+inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, float* acc, const float* const* ahead) {
   constexpr int64_t V = fVec::size();
   fVec a[S][R];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r) a[s][r] = fVec::loadu(acc + (s * M + r) * V);
   for (int64_t k = 0; k < kn; k += V) {
     if (ahead != nullptr && k % 16 == 0)
-      for (int s = 0; s < S; ++s)
-        for (int64_t b = k * elem; b < (k + 16) * elem; b += 64) __builtin_prefetch(ahead[s] + b, 0, 2);
+      for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + k, 0, 2);  // 16 floats: one line
     fVec xv[R];
     for (int r = 0; r < R; ++r) xv[r] = fVec::loadu(x + r * kPanelK + k);
     for (int s = 0; s < S; ++s) {
@@ -190,48 +188,45 @@ inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, fl
     for (int r = 0; r < R; ++r) a[s][r].store(acc + (s * M + r) * V);
 }
 
-// Output rows [n0, n0 + S) of y for all M rows of x (x [M, K] float32, xp its panels), in a task ending at row n1.
-template <typename T, int S>
-void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
-                int64_t n0, int64_t n1, T* y) {
+// Output rows [n0, n0 + S) of y for all M rows of x (x [M, K], xp its panels), in a task ending at row n1.
+template <int S>
+void panel_rows(const float* x, const float* xp, int64_t M, const float* w, int64_t ws, int64_t K, int64_t N,
+                int64_t n0, int64_t n1, float* y) {
   constexpr int64_t V = fVec::size();
   const int64_t Kv = K - K % V;
   __at_align__ float acc[S * kMaxRows * V];  // [S, M, V] running lane sums
-  __at_align__ float wp[S * kPanelK];        // [S, kPanelK] the weight rows' current panel in float32
+  __at_align__ float wp[S * kPanelK];        // [S, kPanelK] the weight rows' current panel
   std::fill(acc, acc + S * M * V, 0.0f);
-  const T* wr[S];
+  const float* wr[S];
   for (int s = 0; s < S; ++s) wr[s] = w + (n0 + s) * ws;
   for (int64_t k0 = 0; k0 < Kv; k0 += kPanelK) {
     const int64_t kn = std::min(kPanelK, Kv - k0);
-    for (int s = 0; s < S; ++s)
-      for (int64_t k = 0; k < kn; k += V) load1(wr[s] + k0 + k).store(wp + s * kPanelK + k);
+    for (int s = 0; s < S; ++s) std::copy(wr[s] + k0, wr[s] + k0 + kn, wp + s * kPanelK);
     const float* xk = xp + k0 / kPanelK * M * kPanelK;
     // the panel after this one (its rows' next, or after their last the first of the next rows of the task) into
     // L2 during the first tile
     const bool last = k0 + kPanelK >= Kv;
-    const char* ahead[S];
-    for (int s = 0; s < S; ++s)
-      ahead[s] = reinterpret_cast<const char*>(last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr[s] + k0 + kPanelK);
-    constexpr int64_t e = sizeof(T);
+    const float* ahead[S];
+    for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr[s] + k0 + kPanelK;
     int64_t r = 0;
-    for (; r + 2 <= M; r += 2) panel_tile<S, 2>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead, e);
-    if (r < M) panel_tile<S, 1>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead, e);
+    for (; r + 2 <= M; r += 2) panel_tile<S, 2>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead);
+    if (r < M) panel_tile<S, 1>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead);
   }
   for (int s = 0; s < S; ++s)
     for (int64_t r = 0; r < M; ++r) {
       float sum = hsum(fVec::loadu(acc + (s * M + r) * V));
-      for (int64_t k = Kv; k < K; ++k) sum = std::fma(widen(wr[s][k]), x[r * K + k], sum);
-      y[r * N + n0 + s] = static_cast<T>(sum);
+      for (int64_t k = Kv; k < K; ++k) sum = std::fma(wr[s][k], x[r * K + k], sum);
+      y[r * N + n0 + s] = sum;
     }
 }
 
-template <typename T, int S = kPanelRows>
-void panel_block(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1, T* y) {
+template <int S = kPanelRows>
+void panel_block(const float* x, const float* xp, int64_t M, const float* w, int64_t ws, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
-  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, n1, y);
+  for (; n + S <= n1; n += S) panel_rows<S>(x, xp, M, w, ws, K, N, n, n1, y);
   if constexpr (S > 1) {
-    if (n < n1) panel_block<T, S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
+    if (n < n1) panel_block<S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
   }
 }
 
@@ -304,7 +299,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
         // at 16 rows 7% faster than with at::parallel_for's even split (the two alternated in one process)
         const int64_t task = std::max<int64_t>(1, kTaskBytes / (K * w.element_size()) / kPanelRows) * kPanelRows;
         parallel_tasks(N, task, [&](int64_t n0, int64_t n1) {
-          panel_block<T>(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, yp);
+          panel_block(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, yp);
         });
         return;
       }
