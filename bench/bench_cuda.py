@@ -143,7 +143,7 @@ def engine_step_ms(engine, inputs: dict, n: int) -> float:
     native = engine.native
     from llama_mm.engine import request_tensors
 
-    logits = native.start(*request_tensors(engine.model, inputs), n + 4)
+    logits = native.start(*request_tensors(engine, inputs), n + 4)
     token = logits.argmax(-1)
     for _ in range(3):  # eager warm-up (first use), capture, first replay
         native.step(token)

@@ -84,7 +84,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("cross_attention_layers"), py::arg("inv_freq"), py::arg("int8_activations") = false)
       .def("generate",
            [](llama_mm::Engine& e, const at::Tensor& ids, const at::Tensor& mask,
-              const std::optional<at::Tensor>& vision, const std::optional<at::Tensor>& cross,
+              const std::optional<at::Tensor>& image_kv, const std::optional<at::Tensor>& cross,
               const std::optional<at::Tensor>& rows, int64_t max_new_tokens, const llama_mm::SamplingParams& sp,
               const std::vector<int64_t>& stop_ids, int64_t pad_id, const std::optional<py::function>& on_step) {
              llama_mm::StepCallback cb;
@@ -97,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
                };
              }
              py::gil_scoped_release release;
-             auto out = e.generate(ids, mask, vision, cross, rows, max_new_tokens, sp, stop_ids, pad_id, cb);
+             auto out = e.generate(ids, mask, image_kv, cross, rows, max_new_tokens, sp, stop_ids, pad_id, cb);
              {
                py::gil_scoped_acquire gil;
                cb = nullptr;  // drop the Python reference with the GIL held
@@ -105,13 +105,20 @@ PYBIND11_MODULE(_C, m) {
              return out;
            },
            "Prefill + the decode loop (GIL released). Returns the new ids [B, N].", py::arg("input_ids"),
-           py::arg("attention_mask"), py::arg("vision_states"), py::arg("cross_mask"), py::arg("row_mask"),
+           py::arg("attention_mask"), py::arg("image_kv"), py::arg("cross_mask"), py::arg("row_mask"),
            py::arg("max_new_tokens"), py::arg("params"), py::arg("stop_ids"), py::arg("pad_id"),
            py::arg("on_step") = py::none())
       .def("start", &llama_mm::Engine::start, py::call_guard<py::gil_scoped_release>(), py::arg("input_ids"),
-           py::arg("attention_mask"), py::arg("vision_states"), py::arg("cross_mask"), py::arg("row_mask"),
+           py::arg("attention_mask"), py::arg("image_kv"), py::arg("cross_mask"), py::arg("row_mask"),
            py::arg("max_new_tokens"))
-      .def("step", &llama_mm::Engine::step, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"));
+      .def("step", &llama_mm::Engine::step, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"))
+      .def("image_kv",
+           [](const llama_mm::Engine& e, const at::Tensor& vision_states) {
+             return e.weights()->image_kv(vision_states);
+           },
+           py::call_guard<py::gil_scoped_release>(),
+           "Projected vision states [B, S, C] -> every cross layer's K/V [L, 2, B, Hkv, S, D] (GIL released)",
+           py::arg("vision_states"));
 
   // Continuous batching over an engine's weights; one thread drives it (python/llama_mm/batching.py).
   py::class_<llama_mm::Scheduler>(m, "Scheduler")
@@ -132,13 +139,13 @@ PYBIND11_MODULE(_C, m) {
       .def("fit_error", &llama_mm::Scheduler::fit_error, "Why a request of these sizes can never run ('' if it can)",
            py::arg("prompt_tokens"), py::arg("max_new_tokens"), py::arg("image_tokens"))
       .def("add",
-           [](llama_mm::Scheduler& s, int64_t id, const at::Tensor& ids, const std::optional<at::Tensor>& vision,
+           [](llama_mm::Scheduler& s, int64_t id, const at::Tensor& ids, const std::optional<at::Tensor>& image_kv,
               const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& rows, int64_t max_new_tokens,
               const llama_mm::SamplingParams& sp, std::vector<int64_t> stop_ids, int64_t logprobs) {
              llama_mm::BatchRequest r;
              r.id = id;
              r.input_ids = ids;
-             r.vision_states = vision.value_or(at::Tensor());
+             r.image_kv = image_kv.value_or(at::Tensor());
              r.cross_mask = cross.value_or(at::Tensor());
              r.row_mask = rows.value_or(at::Tensor());
              r.max_new_tokens = max_new_tokens;
@@ -147,8 +154,9 @@ PYBIND11_MODULE(_C, m) {
              r.logprobs = logprobs;
              s.add(std::move(r));
            },
-           "Queue a request: input_ids [T] int64; vision_states [1, S, C], cross_mask [1, 1, T, S], row_mask [1, T, 1] "
-           "or None", py::arg("id"), py::arg("input_ids"), py::arg("vision_states"), py::arg("cross_mask"),
+           "Queue a request: input_ids [T] int64; image_kv [L, 2, 1, Hkv, S, D] (Engine.image_kv), cross_mask "
+           "[1, 1, T, S], row_mask [1, T, 1] or None", py::arg("id"), py::arg("input_ids"), py::arg("image_kv"),
+           py::arg("cross_mask"),
            py::arg("row_mask"), py::arg("max_new_tokens"), py::arg("params"), py::arg("stop_ids"),
            py::arg("logprobs"))
       .def("cancel", [](llama_mm::Scheduler& s, int64_t id) { return events_to_python(s.cancel(id)); },

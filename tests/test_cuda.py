@@ -392,7 +392,7 @@ def test_engine_greedy_identical_to_cpu_engine_and_transformers(engines, case):
 def step_logits(engine, inputs, tokens):
     """Prefill, then one step per column of tokens [B, n]: the logits [n + 1, B, V] on the CPU. (step() returns the
     engine's own logits buffer, overwritten by the next step: copied here.)"""
-    args = request_tensors(engine.model, inputs)
+    args = request_tensors(engine, inputs)
     out = [engine.native.start(*args, tokens.shape[1] + 1).to("cpu", copy=True)]
     for i in range(tokens.shape[1]):
         out.append(engine.native.step(tokens[:, i].to(engine.model.device)).to("cpu", copy=True))
@@ -453,7 +453,7 @@ def test_engine_decode_step_replays_a_cuda_graph(engines):
 
     ref, _, cuda_engine, _ = engines
     inputs = random_inputs(ref, seq=8, seed=5, aspect_ratios=((1, 1),))
-    cuda_engine.native.start(*request_tensors(cuda_engine.model, inputs), 8)
+    cuda_engine.native.start(*request_tensors(cuda_engine, inputs), 8)
     token = torch.tensor([7], device=DEV)
     for _ in range(3):  # eager warm-up (first engine use), capture, replay
         cuda_engine.native.step(token)

@@ -65,7 +65,7 @@ def teacher_forced(engine, inputs, steps, reference):
     """Prefill, then steps - 1 decode steps, each fed the reference's greedy token. Yields, per step, the engine's
     logits, the whole sequence so far as model inputs, and reference(those inputs) at the last position."""
     ids = inputs["input_ids"]
-    logits = engine.native.start(*request_tensors(engine.model, inputs), steps)
+    logits = engine.native.start(*request_tensors(engine, inputs), steps)
     for step in range(steps):
         full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
                     cross_attention_mask=torch.cat([inputs["cross_attention_mask"]] +
@@ -108,7 +108,7 @@ def test_bf16_engine_as_accurate_as_transformers_bf16(setup, tmp_path):
 def test_bad_input_then_still_works(setup):
     ref, model, engine = setup
     inputs = random_inputs(ref, seq=8, with_image=False)
-    args = request_tensors(engine.model, inputs)
+    args = request_tensors(engine, inputs)
     native = engine.native
     with pytest.raises(ValueError, match="exceeds the model context of 512"):
         native.generate(*args, 600, _C.SamplingParams(), [], 0, None)
@@ -121,6 +121,18 @@ def test_bad_input_then_still_works(setup):
     with pytest.raises(ValueError, match="input_ids outside the embedding table"):
         native.generate(args[0] + 10_000, *args[1:], 4, _C.SamplingParams(), [], 0, None)
     assert torch.equal(greedy(engine, model, inputs, n=8), hf_greedy(ref, inputs, n=8))
+    # an image's K/V [cross layers, 2, B, kv heads, S, head dim], checked at the boundary
+    image = random_inputs(ref, seq=8, aspect_ratios=((1, 2),), seed=3)
+    ids, mask, kv, cross, rows = request_tensors(engine, image)
+    for bad_kv, what in ((kv[:1], r"image_kv must be \[cross layers, 2, B, kv heads, S, head dim\] = \[2, 2, 1, "),
+                         (kv.transpose(3, 5), "image_kv must be"), (kv.double(), "image_kv must be Float"),
+                         (kv.transpose(4, 5).contiguous().transpose(4, 5), "image_kv must be contiguous"),
+                         (kv[..., :-1, :].contiguous(), r"cross_mask must be \[B, 1, T, S\]")):
+        with pytest.raises(ValueError, match=what):
+            native.generate(ids, mask, bad_kv, cross, rows, 4, _C.SamplingParams(), [], 0, None)
+    with pytest.raises(ValueError, match="vision_states must be"):
+        native.image_kv(torch.zeros(1, 5, 7))
+    assert torch.equal(greedy(engine, model, image, n=8), hf_greedy(ref, image, n=8))
 
 
 def test_callback_streams_and_stops(setup):

@@ -1,7 +1,8 @@
 """The image cache: cached and uncached requests give identical tensors and tokens (bit for bit), the LRU byte
-budget evicts the least recently used image, 0 disables it, and different images never share an entry. The
-uncached batched vision tower (`MllamaModel.vision_states` over all images at once, as before the cache) is the
-independent reference for the states."""
+budget evicts the least recently used image, 0 disables it, an image whose K/V exceed the budget keeps its states,
+and different images never share an entry. The independent reference for the cached K/V is the PyTorch model: its
+batched vision tower over all images at once (`MllamaModel.vision_states`) and its cross layers' own k/v
+projections (`MllamaModel.cross_kv`)."""
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 import llama_mm
 from llama_mm.engine import Engine, request_tensors
-from llama_mm.image_cache import ImageCache, image_key
+from llama_mm.image_cache import KV, STATES, ImageCache, image_key
 from checkpoints import build_reference, random_inputs, write_checkpoint
 from tokenizer_fixture import write_tokenizer_files
 
@@ -25,12 +26,22 @@ def setup(tmp_path_factory):
 
 
 def image_bytes(model, tiles: int) -> int:
+    """One image's cross-layer K/V: layers x (K, V) x keys x kv heads x head dim."""
+    t = model.cfg.text
+    keys = tiles * model.cfg.vision.num_patches
+    return len(t.cross_attention_layers) * 2 * keys * t.num_key_value_heads * t.hidden_size // t.num_attention_heads \
+        * model.dtype.itemsize
+
+
+def states_bytes(model, tiles: int) -> int:
     return tiles * model.cfg.vision.num_patches * model.cfg.text.hidden_size * model.dtype.itemsize
 
 
 def batched_reference(model, inputs) -> torch.Tensor:
+    """The PyTorch model's cross K/V of all images at once -> [L, 2, B, Hkv, S, D]."""
     with torch.inference_mode():
-        return model.vision_states(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        states = model.vision_states(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        return torch.stack([torch.stack(kv) for kv in model.cross_kv(states).values()])
 
 
 def shared_image_batch(ref):
@@ -55,21 +66,21 @@ def test_cached_equals_uncached(setup, case):
     B, N = inputs["aspect_ratio_ids"].shape
     distinct = N if case != "batch-sharing-an-image" else 1
     cache = ImageCache(2**30)
-    plain = request_tensors(model, inputs)
-    first = request_tensors(model, inputs, cache)
-    again = request_tensors(model, inputs, cache)
+    plain = request_tensors(engine, inputs)
+    first = request_tensors(engine, inputs, cache)
+    again = request_tensors(engine, inputs, cache)
     assert cache.stats()["misses"] == distinct and cache.stats()["hits"] == distinct and len(cache) == distinct
     for a, b, c in zip(plain, first, again):
         assert (a is None and b is None and c is None) or (torch.equal(a, b) and torch.equal(a, c))
     torch.testing.assert_close(plain[2], batched_reference(model, inputs), rtol=1e-5, atol=1e-5)
     if case == "batch-sharing-an-image":
-        assert torch.equal(plain[2][0], plain[2][1])
+        assert torch.equal(plain[2][:, :, 0], plain[2][:, :, 1])
     ids = engine.run(inputs, N_NEW)
     assert torch.equal(ids, engine.run(inputs, N_NEW, image_cache=cache))
     assert torch.equal(ids, engine.run(inputs, N_NEW, image_cache=cache))
-    with torch.inference_mode():  # the logits too: prefill from cached states
-        logits = engine.native.start(*request_tensors(model, inputs), 1)
-        cached = engine.native.start(*request_tensors(model, inputs, cache), 1)
+    with torch.inference_mode():  # the logits too: prefill from cached K/V
+        logits = engine.native.start(*request_tensors(engine, inputs), 1)
+        cached = engine.native.start(*request_tensors(engine, inputs, cache), 1)
     assert torch.equal(logits, cached)
 
 
@@ -83,13 +94,13 @@ def test_lru_eviction_by_budget(setup):
     size = image_bytes(model, 4)  # every image is padded to max_num_tiles tiles
     cache = ImageCache(2 * size)  # room for two
     for x in (a, b, a, c):  # a is used again before c arrives: b is the least recently used
-        request_tensors(model, x, cache)
+        request_tensors(engine, x, cache)
     s = cache.stats()
     assert (s["misses"], s["hits"], s["evictions"], s["entries"], s["bytes"]) == (3, 1, 1, 2, 2 * size)
-    request_tensors(model, a, cache)
-    request_tensors(model, c, cache)
+    request_tensors(engine, a, cache)
+    request_tensors(engine, c, cache)
     assert cache.stats()["hits"] == 3
-    request_tensors(model, b, cache)
+    request_tensors(engine, b, cache)
     assert cache.stats()["misses"] == 4 and cache.stats()["evictions"] == 2
 
 
@@ -98,11 +109,11 @@ def test_repeated_image_after_eviction(setup):
     a, b = one_image(ref, 21, (2, 2)), one_image(ref, 22, (1, 3))
     cache = ImageCache(image_bytes(model, 4))  # one image
     first = engine.run(a, N_NEW, image_cache=cache)
-    states = request_tensors(model, a, cache)[2]
+    states = request_tensors(engine, a, cache)[2]
     engine.run(b, N_NEW, image_cache=cache)  # evicts a
     assert cache.stats()["evictions"] == 1
     assert torch.equal(engine.run(a, N_NEW, image_cache=cache), first)
-    assert torch.equal(request_tensors(model, a, cache)[2], states)
+    assert torch.equal(request_tensors(engine, a, cache)[2], states)
     assert cache.stats()["misses"] == 3 and cache.stats()["hits"] == 2
 
 
@@ -111,12 +122,52 @@ def test_zero_disables(setup):
     a = one_image(ref, 31)
     cache = ImageCache(0)
     assert not cache.enabled
-    outs = [request_tensors(model, a, cache)[2] for _ in range(2)]
+    outs = [request_tensors(engine, a, cache)[2] for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
     assert cache.stats() == {"hits": 0, "misses": 0, "evictions": 0, "entries": 0, "bytes": 0, "max_bytes": 0}
-    small = ImageCache(image_bytes(model, 4) - 1)  # an image larger than the whole budget is not stored
-    request_tensors(model, a, small)
+    small = ImageCache(states_bytes(model, 4) - 1)  # an image whose K/V and states exceed the budget: not stored
+    request_tensors(engine, a, small)
     assert len(small) == 0 and small.stats()["bytes"] == 0
+
+
+def test_one_image_is_read_in_place(setup):
+    """A one-image request gets the cached K/V themselves, and serving from them leaves them as they were."""
+    ref, model, engine = setup
+    a = one_image(ref, 51, (2, 2))
+    cache = ImageCache(2**30)
+    kv = request_tensors(engine, a, cache)[2]
+    kind, entry = next(iter(cache._entries.values()))
+    assert kind == KV and kv.data_ptr() == entry.data_ptr()
+    before = entry.clone()
+    engine.run(a, N_NEW, image_cache=cache)
+    assert torch.equal(entry, before)
+
+
+def test_states_when_kv_exceed_the_budget(setup):
+    """Budget for the image's states but not its K/V: the states are kept, the tower skipped, the K/V recomputed
+    from them; the same numbers as without a cache."""
+    ref, model, engine = setup
+    a = one_image(ref, 61, (1, 2))
+    assert states_bytes(model, 4) < image_bytes(model, 4)  # this checkpoint's K/V are larger than its states
+    cache = ImageCache(states_bytes(model, 4))
+    plain = request_tensors(engine, a)[2]
+    first = request_tensors(engine, a, cache)[2]
+    kind, entry = next(iter(cache._entries.values()))
+    assert kind == STATES and cache.stats()["bytes"] == states_bytes(model, 4)
+    calls = []
+    tower = model.vision_states
+    model.vision_states = lambda *args: calls.append(1) or tower(*args)
+    try:
+        again = request_tensors(engine, a, cache)[2]
+    finally:
+        del model.vision_states
+    assert calls == [] and cache.stats()["hits"] == 1
+    assert torch.equal(plain, first) and torch.equal(plain, again)
+
+
+def test_bad_entry_kind():
+    with pytest.raises(ValueError, match="'kv' or 'states'"):
+        ImageCache(100).put(b"k", "pixels", torch.zeros(1))
 
 
 def test_different_images_never_collide(setup):
@@ -129,8 +180,8 @@ def test_different_images_never_collide(setup):
                  aspect_ratio_mask=torch.tensor([[[1, 0, 0, 0]]]))  # (1, 1): same pixels, one tile
     cache = ImageCache(2**30)
     for x in (wide, tall, pixel, fewer):
-        request_tensors(model, x, cache)
-        got = request_tensors(model, x, cache)[2]
+        request_tensors(engine, x, cache)
+        got = request_tensors(engine, x, cache)[2]
         torch.testing.assert_close(got, batched_reference(model, x), rtol=1e-5, atol=1e-5)
     assert cache.stats()["entries"] == 4 and cache.stats()["hits"] == 4
     keys = {image_key(x["pixel_values"][0, 0], x["aspect_ratio_ids"][0, 0], x["aspect_ratio_mask"][0, 0], dt,
@@ -146,7 +197,7 @@ def test_thread_safe_budget():
         for _ in range(300):
             key = bytes([int(torch.randint(0, 30, (1,), generator=g))])
             if cache.get(key) is None:
-                cache.put(key, torch.full((100,), float(key[0])))
+                cache.put(key, KV, torch.full((100,), float(key[0])))
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
     for t in threads:
@@ -156,7 +207,7 @@ def test_thread_safe_budget():
     s = cache.stats()
     assert s["hits"] + s["misses"] == 1200
     assert s["bytes"] == 400 * s["entries"] <= 4000
-    assert all(float(cache._entries[k][0]) == k[0] for k in list(cache._entries))
+    assert all(float(cache._entries[k][1][0]) == k[0] for k in list(cache._entries))
 
 
 def test_bad_budget():

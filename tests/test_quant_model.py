@@ -89,7 +89,7 @@ def test_logits_match_transformers_dequantized(case, ref, with_image):
         theirs = oracle(**inputs).logits
         ours = model(**inputs).logits
     assert_logits_close(ours, theirs)  # the PyTorch path, every position
-    engine_logits = engine.native.start(*request_tensors(model, inputs), 1)
+    engine_logits = engine.native.start(*request_tensors(engine, inputs), 1)
     assert_logits_close(engine_logits, theirs[:, -1])  # the native engine's prefill
 
 

@@ -89,7 +89,7 @@ void Engine::decode_body() {
 }
 
 at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                         const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
+                         const std::optional<at::Tensor>& image_kv, const std::optional<at::Tensor>& cross_mask,
                          const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens) {
   TORCH_CHECK_VALUE(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong && input_ids.size(1) > 0,
                     "input_ids must be a non-empty int64 [B, T] tensor, got ", input_ids.scalar_type(), " ",
@@ -133,28 +133,20 @@ at::Tensor Engine::start(const at::Tensor& input_ids, const at::Tensor& attentio
   v_cache_.assign(w_->layers.size(), at::Tensor());
   cross_k_.assign(w_->layers.size(), at::Tensor());
   cross_v_.assign(w_->layers.size(), at::Tensor());
-  has_image_ = vision_states.has_value() && vision_states->defined();
+  has_image_ = image_kv.has_value() && image_kv->defined();
   if (has_image_) {
-    const auto& vs = *vision_states;
-    TORCH_CHECK_VALUE(vs.dim() == 3 && vs.size(0) == B && vs.size(2) == cfg_.hidden_size,
-                      "vision_states must be [B, S, hidden] = [", B, ", S, ", cfg_.hidden_size, "], got ", vs.sizes());
+    const int64_t S = w_->check_image_kv(*image_kv, B);
     TORCH_CHECK_VALUE(cross_mask.has_value() && row_mask.has_value(), "an image needs cross_mask and row_mask");
-    const int64_t S = vs.size(1);
     TORCH_CHECK_VALUE(cross_mask->sizes() == at::IntArrayRef({B, 1, T, S}), "cross_mask must be [B, 1, T, S] = [",
                       B, ", 1, ", T, ", ", S, "], got ", cross_mask->sizes());
     TORCH_CHECK_VALUE(row_mask->sizes() == at::IntArrayRef({B, T, 1}), "row_mask must be [B, T, 1], got ",
                       row_mask->sizes());
-    auto v_in = vs.to(dev, w_->embed.scalar_type());
     cross_mask_ = cross_mask->to(dev, w_->embed.scalar_type());
     row_mask_ = row_mask->to(dev, w_->embed.scalar_type());
     // decode rows repeat the prompt's last row, as transformers' generate extends the mask
     step_cross_mask_ = cross_mask_.select(1, 0).select(1, T - 1).to(at::kFloat).contiguous();  // (B, S)
     step_row_mask_ = row_mask_.select(1, T - 1).unsqueeze(1).contiguous();                      // (B, 1, 1)
-    for (size_t i = 0; i < w_->layers.size(); ++i) {
-      if (!w_->layers[i].cross) continue;
-      const auto& l = w_->layers[i];
-      std::tie(cross_k_[i], cross_v_[i]) = w_->cross_kv(l, v_in);  // (B, Hkv, S, D) each
-    }
+    w_->split_image_kv(*image_kv, cross_k_, cross_v_);  // (B, Hkv, S, D) per cross layer
   }
   for (size_t i = 0; i < w_->layers.size(); ++i) {
     if (w_->layers[i].cross) continue;
@@ -209,13 +201,13 @@ at::Tensor Engine::step(const at::Tensor& tokens) {
 }
 
 at::Tensor Engine::generate(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                            const std::optional<at::Tensor>& vision_states,
+                            const std::optional<at::Tensor>& image_kv,
                             const std::optional<at::Tensor>& cross_mask, const std::optional<at::Tensor>& row_mask,
                             int64_t max_new_tokens, const SamplingParams& sp, const std::vector<int64_t>& stop_ids,
                             int64_t pad_id, const StepCallback& on_step) {
   sp.validate();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(sp.seed));
-  auto logits = start(input_ids, attention_mask, vision_states, cross_mask, row_mask, max_new_tokens);
+  auto logits = start(input_ids, attention_mask, image_kv, cross_mask, row_mask, max_new_tokens);
   const int64_t B = input_ids.size(0);
   at::Tensor seen;  // tokens in the prompt and generated so far, for the repetition penalty
   if (sp.repetition_penalty != 1.0) {

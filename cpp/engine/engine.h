@@ -2,7 +2,7 @@
 //
 // It reads the text stack's weights from the tensors the Python model owns (no copy), keeps per request a
 // preallocated self-attention KV cache [B, Hkv, S_max, D] per self layer and the image K/V per cross layer
-// (computed once from the projected vision states), and samples with sampling.h. Ops go through the dispatcher
+// (computed once per image by TextWeights::image_kv, passed in), and samples with sampling.h. Ops go through the dispatcher
 // (torch.ops.llama_mm.*, at::linear), so the same engine runs the CPU or the CUDA kernels of its weights' device.
 #pragma once
 
@@ -37,12 +37,12 @@ class Engine {
   explicit Engine(std::shared_ptr<const TextWeights> weights);
   const std::shared_ptr<const TextWeights>& weights() const { return w_; }
 
-  // A whole request. input_ids / attention_mask [B, T] (left padding); vision_states [B, S, C] projected image
-  // features (none: text only, cross layers skipped); cross_mask [B, 1, T, S] additive and row_mask [B, T, 1] as
+  // A whole request. input_ids / attention_mask [B, T] (left padding); image_kv [L, 2, B, Hkv, S, D] the images'
+  // cross-layer K/V (TextWeights::image_kv; none: text only, cross layers skipped; read in place); cross_mask [B, 1, T, S] additive and row_mask [B, T, 1] as
   // model.cross_attention_masks builds them. Returns the new ids [B, N], N <= max_new_tokens; rows that stopped
   // are filled with pad_id.
   at::Tensor generate(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                      const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
+                      const std::optional<at::Tensor>& image_kv, const std::optional<at::Tensor>& cross_mask,
                       const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens, const SamplingParams& sp,
                       const std::vector<int64_t>& stop_ids, int64_t pad_id, const StepCallback& on_step);
 
@@ -50,7 +50,7 @@ class Engine {
   // position's logits [B, V]; step() feeds one token per row [B] and returns the next logits [B, V] (on CUDA the
   // graph's output buffer, overwritten by the next step: copy it to keep it).
   at::Tensor start(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                   const std::optional<at::Tensor>& vision_states, const std::optional<at::Tensor>& cross_mask,
+                   const std::optional<at::Tensor>& image_kv, const std::optional<at::Tensor>& cross_mask,
                    const std::optional<at::Tensor>& row_mask, int64_t max_new_tokens);
   at::Tensor step(const at::Tensor& tokens);
 

@@ -75,11 +75,8 @@ void Scheduler::add(BatchRequest r) {
                     w_->cfg.vocab_size, "], got ", r.logprobs);
   r.sampling.validate();
   auto s = std::make_unique<Sequence>();
-  if (r.vision_states.defined()) {
-    const auto& vs = r.vision_states;
-    TORCH_CHECK_VALUE(vs.dim() == 3 && vs.size(0) == 1 && vs.size(2) == w_->cfg.hidden_size,
-                      "vision_states must be [1, S, ", w_->cfg.hidden_size, "], got ", vs.sizes());
-    const int64_t S = vs.size(1);
+  if (r.image_kv.defined()) {
+    const int64_t S = w_->check_image_kv(r.image_kv, 1);
     TORCH_CHECK_VALUE(r.cross_mask.defined() && r.cross_mask.sizes() == at::IntArrayRef({1, 1, T, S}),
                       "cross_mask must be [1, 1, T, S] = [1, 1, ", T, ", ", S, "]");
     TORCH_CHECK_VALUE(r.row_mask.defined() && r.row_mask.sizes() == at::IntArrayRef({1, T, 1}),
@@ -157,17 +154,13 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
   const int64_t t0 = s.length, t1 = t0 + n;
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
   if (t0 == 0 && s.image) {
-    // the image's K/V, once per request; decode rows repeat the prompt's last cross-attention row
-    auto vs = s.req.vision_states.to(dev, w_->dtype());
-    s.cross_k.assign(w_->layers.size(), at::Tensor());
-    s.cross_v.assign(w_->layers.size(), at::Tensor());
-    for (size_t i = 0; i < w_->layers.size(); ++i)
-      if (w_->layers[i].cross) std::tie(s.cross_k[i], s.cross_v[i]) = w_->cross_kv(w_->layers[i], vs);
+    // the image's K/V (read in place); decode rows repeat the prompt's last cross-attention row
+    w_->split_image_kv(s.req.image_kv, s.cross_k, s.cross_v);
     s.req.cross_mask = s.req.cross_mask.to(dev, w_->dtype());
     s.req.row_mask = s.req.row_mask.to(dev, w_->dtype());
     s.step_cross_mask = s.req.cross_mask.select(1, 0).select(1, s.prompt_len - 1).to(at::kFloat).contiguous();
     s.step_row_mask = s.req.row_mask.select(1, s.prompt_len - 1).unsqueeze(1).contiguous();  // (1, 1, 1)
-    s.req.vision_states = at::Tensor();
+    s.req.image_kv = at::Tensor();  // the per-layer views hold it while the request needs it
   }
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(s.blocks.size()) * bs >= t1, "prefill before grow()");
   auto pos = at::arange(t0, t1, long_opts);                                    // (n,)

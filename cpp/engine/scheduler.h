@@ -37,7 +37,8 @@ struct SchedulerConfig {
 struct BatchRequest {
   int64_t id = 0;
   at::Tensor input_ids;                          // [T] int64
-  at::Tensor vision_states, cross_mask, row_mask;  // [1, S, C], [1, 1, T, S], [1, T, 1]; undefined: text only
+  at::Tensor image_kv;             // [L, 2, 1, Hkv, S, D] (TextWeights::image_kv, read in place); undefined: text only
+  at::Tensor cross_mask, row_mask;  // [1, 1, T, S], [1, T, 1] with an image
   int64_t max_new_tokens = 0;
   SamplingParams sampling;
   std::vector<int64_t> stop_ids;

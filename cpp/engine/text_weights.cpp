@@ -63,11 +63,47 @@ at::Tensor TextWeights::mlp(const Layer& l, const at::Tensor& x) const {
   return l.w_down(dispatch::silu_mul(l.w_gate(x), l.w_up(x)));
 }
 
-std::pair<at::Tensor, at::Tensor> TextWeights::cross_kv(const Layer& l, const at::Tensor& vs) const {
+at::Tensor TextWeights::image_kv(const at::Tensor& vision_states) const {
+  TORCH_CHECK_VALUE(vision_states.dim() == 3 && vision_states.size(2) == cfg.hidden_size,
+                    "vision_states must be [B, S, hidden] = [B, S, ", cfg.hidden_size, "], got ",
+                    vision_states.sizes());
+  const auto vs = vision_states.to(device(), dtype());
   const int64_t B = vs.size(0), S = vs.size(1), Hkv = cfg.num_kv_heads, D = cfg.head_dim();
-  auto k = dispatch::rms_norm(l.wk(vs).view({B, S, Hkv, D}), l.k_norm, cfg.rms_norm_eps);
-  auto v = l.wv(vs).view({B, S, Hkv, D});
-  return {k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()};  // (B, Hkv, S, D)
+  const auto L = static_cast<int64_t>(cfg.cross_attention_layers.size());
+  auto out = at::empty({L, 2, B, Hkv, S, D}, options());
+  int64_t j = 0;
+  for (const Layer& l : layers) {
+    if (!l.cross) continue;
+    auto k = dispatch::rms_norm(l.wk(vs).view({B, S, Hkv, D}), l.k_norm, cfg.rms_norm_eps);  // (B, S, Hkv, D)
+    out[j][0].copy_(k.transpose(1, 2));                                                      // (B, Hkv, S, D)
+    out[j][1].copy_(l.wv(vs).view({B, S, Hkv, D}).transpose(1, 2));
+    ++j;
+  }
+  return out;
+}
+
+int64_t TextWeights::check_image_kv(const at::Tensor& kv, int64_t B) const {
+  const auto L = static_cast<int64_t>(cfg.cross_attention_layers.size());
+  TORCH_CHECK_VALUE(kv.dim() == 6 && kv.size(0) == L && kv.size(1) == 2 && kv.size(2) == B &&
+                        kv.size(3) == cfg.num_kv_heads && kv.size(5) == cfg.head_dim(),
+                    "image_kv must be [cross layers, 2, B, kv heads, S, head dim] = [", L, ", 2, ", B, ", ",
+                    cfg.num_kv_heads, ", S, ", cfg.head_dim(), "], got ", kv.sizes());
+  TORCH_CHECK_VALUE(kv.scalar_type() == dtype() && kv.device() == device(), "image_kv must be ", dtype(), " on ",
+                    device(), " (the model's), got ", kv.scalar_type(), " on ", kv.device());
+  TORCH_CHECK_VALUE(kv.is_contiguous(), "image_kv must be contiguous");
+  return kv.size(4);
+}
+
+void TextWeights::split_image_kv(const at::Tensor& kv, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v) const {
+  k.assign(layers.size(), at::Tensor());
+  v.assign(layers.size(), at::Tensor());
+  int64_t j = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (!layers[i].cross) continue;
+    k[i] = kv[j][0];  // (B, Hkv, S, D), contiguous views: a cached image's K/V are read in place
+    v[i] = kv[j][1];
+    ++j;
+  }
 }
 
 void cut_masked_cross_keys(at::Tensor& step_mask, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v,

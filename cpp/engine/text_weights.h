@@ -44,9 +44,15 @@ struct TextWeights {
 
   // SwiGLU MLP of a layer: x [..., C] -> [..., C].
   at::Tensor mlp(const Layer& l, const at::Tensor& x) const;
-  // Image K/V of cross layer l: vision_states [B, S, C] (model dtype, weights' device) -> k, v [B, Hkv, S, D]
-  // contiguous (k RMS-normalised per head). Computed once per request.
-  std::pair<at::Tensor, at::Tensor> cross_kv(const Layer& l, const at::Tensor& vision_states) const;
+  // An image's K/V for every cross layer: vision_states [B, S, C] -> [L, 2, B, Hkv, S, D] (L cross layers in
+  // order; [j][0] the keys, RMS-normalised per head, [j][1] the values), in the model dtype on the weights' device.
+  // What the cross layers read of an image: computed once per image and cached by the caller (image_cache.py).
+  at::Tensor image_kv(const at::Tensor& vision_states) const;
+  // Checks image_kv [L, 2, B, Hkv, S, D] for a request of B rows (names the wrong dimension); returns S.
+  int64_t check_image_kv(const at::Tensor& image_kv, int64_t B) const;
+  // The cross-layer K/V of image_kv as the decode kernels read them: per layer [B, Hkv, S, D] views (undefined
+  // for self-attention layers).
+  void split_image_kv(const at::Tensor& image_kv, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v) const;
   // Final norm and lm_head: x [B, C] -> logits [B, V].
   at::Tensor logits(const at::Tensor& x) const;
 };

@@ -5,7 +5,8 @@
     ...
     engine.close()
 
-A request's vision tower runs in the caller's thread (submit), one request's images at a time across threads (on a
+A request's images are encoded in the caller's thread (submit: the vision tower and the cross layers' K/V, skipped
+for images the image cache holds), one request's images at a time across threads (on a
 few cores, concurrent encodings would only take turns and crowd out the decode steps); an engine thread drives the
 native scheduler (`llama_mm._C.Scheduler`, cpp/engine/scheduler.h) step by step with the GIL released, and calls
 each request's on_event from that thread, in order: one TokenEvent per generated token, then exactly one
@@ -85,7 +86,7 @@ class BatchEngine:
         _positive_int("prefill_chunk", prefill_chunk)
         self.max_queue = _positive_int("max_queue", max_queue)
         self.model = model
-        self.image_cache = ImageCache.from_mb(image_cache_mb)  # requests resending an image skip the vision tower
+        self.image_cache = ImageCache.from_mb(image_cache_mb)  # requests resending an image skip its encoding
         self._vision_lock = threading.Lock()
         self._engine = Engine(model)  # shares the model's weight tensors
         self._native = native_module().Scheduler(self._engine.native, max_batch, float(kv_cache_mb), block_size,
@@ -126,7 +127,7 @@ class BatchEngine:
                              f"{None if ids is None else tuple(getattr(ids, 'shape', ()))}")
         self._check_fits(int(ids.shape[1]), max_new_tokens or 1, 0)  # the context limit, before the vision tower
         with self._vision_lock:  # one image encoding at a time, so the decode steps keep their share of the cores
-            ids, mask, vision, cross, rows = request_tensors(self.model, inputs, self.image_cache)
+            ids, mask, kv, cross, rows = request_tensors(self._engine, inputs, self.image_cache)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
         keep = mask[0].bool()  # a single prompt: drop any padding
@@ -136,13 +137,13 @@ class BatchEngine:
         rows_in_table = self.model.cfg.text.vocab_size + 8
         if int(ids.min()) < 0 or int(ids.max()) >= rows_in_table:
             raise ValueError(f"input_ids outside the embedding table [0, {rows_in_table})")
-        if vision is not None:
+        if kv is not None:
             cross, rows = cross[:, :, keep], rows[:, keep]  # (1, 1, T, S), (1, T, 1)
-        image_tokens = 0 if vision is None else vision.shape[1]
+        image_tokens = 0 if kv is None else kv.shape[4]
         if max_new_tokens is None:
             max_new_tokens = max(1, self.max_new_tokens_fitting(ids.numel(), image_tokens))  # 0: refused below
         self._check_fits(ids.numel(), max_new_tokens, image_tokens)
-        args = (ids, vision, cross, rows, max_new_tokens, to_native(params), stop_ids, logprobs)
+        args = (ids, kv, cross, rows, max_new_tokens, to_native(params), stop_ids, logprobs)
         with self._cond:
             if self._closing:
                 raise RuntimeError("BatchEngine is closed")

@@ -1,10 +1,11 @@
-"""The native engine bound to a loaded model: runs the vision tower once per request (PyTorch), then the C++
-prefill and decode loop (`llama_mm._C.Engine`, GIL released) over the model's own weight tensors (no copy)."""
+"""The native engine bound to a loaded model: encodes a request's images (the vision tower in PyTorch, then every
+cross layer's K/V in C++; both skipped for images the image cache holds), then the C++ prefill and decode loop
+(`llama_mm._C.Engine`, GIL released) over the model's own weight tensors (no copy)."""
 from __future__ import annotations
 
 import torch
 
-from .image_cache import ImageCache, encode_images
+from .image_cache import ImageCache, encode_image_kv
 from .model import MllamaModel, cross_attention_masks
 from .sampling import SamplingParams
 
@@ -37,32 +38,32 @@ class Engine:
             stop_ids: list[int] | tuple = (), pad_id: int = 0, on_tokens=None,
             image_cache: ImageCache | None = None) -> torch.Tensor:
         """New ids [B, N]; rows that stopped are padded with pad_id. on_tokens(ids [B]) -> True stops.
-        image_cache: reuse the vision states of images seen before (see image_cache.py)."""
+        image_cache: reuse the encoded images (cross-layer K/V) seen before (see image_cache.py)."""
         params = (params or SamplingParams()).validate()
         with torch.inference_mode():
-            return self.native.generate(*request_tensors(self.model, inputs, image_cache), max_new_tokens,
+            return self.native.generate(*request_tensors(self, inputs, image_cache), max_new_tokens,
                                         to_native(params), list(stop_ids), pad_id, on_tokens)
 
 
-def request_tensors(model: MllamaModel, inputs: dict, image_cache: ImageCache | None = None) -> tuple:
-    """The processor's dict -> (input_ids, attention_mask, vision_states, cross_mask, row_mask) for the native
-    engine and the scheduler: runs the vision tower and projector when the inputs have images, one image at a time,
-    skipping the images `image_cache` holds (see image_cache.py)."""
+def request_tensors(engine: Engine, inputs: dict, image_cache: ImageCache | None = None) -> tuple:
+    """The processor's dict -> (input_ids, attention_mask, image_kv, cross_mask, row_mask) for the native engine
+    and the scheduler: encodes the images when the inputs have any (image_kv [L, 2, B, Hkv, S, D], one image at a
+    time, skipping the images `image_cache` holds; see image_cache.py)."""
+    model = engine.model
     ids = inputs["input_ids"].long()
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.long()
-    vision = cross = rows = None
+    kv = cross = rows = None
     if inputs.get("pixel_values") is not None:
         xmask = inputs.get("cross_attention_mask")
         if xmask is None or inputs.get("aspect_ratio_ids") is None or inputs.get("aspect_ratio_mask") is None:
             raise ValueError("inputs with pixel_values need aspect_ratio_ids, aspect_ratio_mask and "
                              "cross_attention_mask")
-        dev = model.device
         with torch.inference_mode():
-            vision = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
-                                   inputs["aspect_ratio_mask"], image_cache)
-            cross, rows = cross_attention_masks(xmask.to(dev), model.cfg.vision.num_patches, model.dtype)
-    return ids, mask, vision, cross, rows
+            kv = encode_image_kv(engine, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                 inputs["aspect_ratio_mask"], image_cache)
+            cross, rows = cross_attention_masks(xmask.to(model.device), model.cfg.vision.num_patches, model.dtype)
+    return ids, mask, kv, cross, rows
 
 
 def engine_weights(model: MllamaModel) -> dict[str, torch.Tensor]:
