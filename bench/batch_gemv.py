@@ -1,5 +1,6 @@
 """The batch-invariant gemv (cpp/kernels/gemv.cpp) per batch size M, against the version it replaced (revision BASE:
-at two rows or more, two weight rows at a time against four x rows re-read from L2; no K panels) and at::linear
+from 8 rows of float32, 6 weight rows copied panel by panel into an L1 buffer against pairs of x rows, the next
+panel prefetched during the first pair) and at::linear
 (MKL, not batch-invariant), timed interleaved; then the products of one decode step of the 450M benchmark checkpoint
 (bench_decode.py's TEXT: every projection of its 10 layers and the lm_head, each weight read once, as the batching
 engine's step does) at M rows, this kernel against BASE's, alternated.
@@ -31,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 import llama_mm.ops  # noqa: E402,F401  (registers torch.ops.llama_mm.*)
 
-BASE = "99c1717"  # the last commit with the previous gemv kernel (session 6)
+BASE = "ef948ac"  # the last commit with the previous gemv kernel (session 7: 6 x 2 tiles over copied weight rows)
 OUT = ROOT / "bench" / "results" / "batch_gemv.json"
 SHAPES = [(4096, 4096)]  # 11B q/o projection (N, K)
 ROWS = [1, 2, 4, 8, 16, 64]
-ROUNDS, REPS = 5, 3
+ROUNDS, REPS = 9, 3
 
 
 def cpu_model() -> str:

@@ -139,20 +139,25 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
 // the multiply-adds as much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows,
 // leave the FMA units mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel
 // by panel (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K
-// floats apart do), and kPanelRows weight rows at a time are copied panel by panel into a buffer (the next panel is
-// prefetched into L2 meanwhile) and multiplied, while in L1, by every pair of x rows: 6 x 2 accumulators, 6 + 2
-// loads per 12 FMAs. The accumulators wait in memory between panels, so each dot product is still summed lane by
-// lane over k in order, then across lanes (hsum), then the scalar tail: dot_tile's order, bit for bit, whatever M
-// (batch invariance holds across the two paths).
-// Measured on 2 Zen 3 cores (bench/batch_gemv.py, and the products of a decode step alternated in one process):
-// at 16-64 rows 1.1-1.3x the tiles, at 8 rows 1.0-1.1x, at 2-4 rows 0.85-1.05x (noise), hence from 8; panels of
-// 512 values ~8% faster than 256, 1024 no better; prefetching two panels ahead, or none, or spread over all pairs
-// of x rows, slower than one panel during the first pair.
-// bfloat16 / float16 weights stay on the tiles: widening a panel into the buffer made 2-4 rows 0.8x, 16 rows even.
+// floats apart do), and kPanelRows weight rows' panels, read in place, are multiplied by every group of
+// kPanelTileRows x rows while they sit in L1: 6 x 2 accumulators, 6 + 2 loads per 12 FMAs. The next panel (after a
+// row group's last, the next group's first) is prefetched into L2 a share before each group of x rows, so that its
+// reads spread over the whole panel's work. The accumulators wait in memory between panels, so each dot product is
+// still summed lane by lane over k in order, then across lanes (hsum), then the scalar tail: dot_tile's order, bit
+// for bit, whatever M (batch invariance holds across the two paths).
+// Measured on 2 Zen 3 cores (one decode step's products, the variants compiled side by side and alternated in one
+// process): spreading the prefetch instead of issuing it all during the first pair 1.18x / 1.23x / 1.08x at
+// 8 / 16 / 64 rows (450M shapes); reading the weight rows in place instead of copying each panel into an L1 buffer
+// 1.14x / 1.04x / 1.0x more there and 1.2x / 1.1x at the 11B shapes; 4 x 3 tiles 0.85-0.9x of 6 x 2. Earlier
+// (session 7): panels at 2-4 rows 0.85-1.05x the tiles, hence from 8 rows; panels of 512 values ~8% faster than 256,
+// 1024 no better.
+// bfloat16 / float16 weights stay on the tiles: widening a panel into a buffer made 2-4 rows 0.8x, 16 rows even.
 constexpr int kPanelRows = 6;
+constexpr int kPanelTileRows = 2;
 constexpr int64_t kPanelK = 512;
 constexpr int64_t kPanelMinRows = 8;
 constexpr int64_t kTaskBytes = 256 * 1024;
+constexpr int64_t kLine = 16;  // floats per cache line
 
 // Number of panels of the first K - K % V values (the vector part; the rest is the scalar tail).
 inline int64_t panel_count(int64_t K) { return (K - K % fVec::size() + kPanelK - 1) / kPanelK; }
@@ -165,21 +170,19 @@ inline void pack_x_panels(const float* x, int64_t M, int64_t K, float* xp) {
       std::copy(x + r * K + k0, x + r * K + std::min(Kv, k0 + kPanelK), xp + (p * M + r) * kPanelK);
 }
 
-// acc[s * M + r] += w[s * kPanelK, + kn) . x[r * kPanelK, + kn) lane by lane, for R rows of x, kn % V == 0.
-// ahead[s] (if given): prefetched into L2, one line of each of the S rows every 16 k.
+// acc[s * M + r] += w[s * ws, + kn) . x[r * kPanelK, + kn) lane by lane, for S weight rows (ws apart) and R rows
+// of x, kn % V == 0.
 template <int S, int R>
-inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, float* acc, const float* const* ahead) {
+inline void panel_tile(const float* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc) {
   constexpr int64_t V = fVec::size();
   fVec a[S][R];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r) a[s][r] = fVec::loadu(acc + (s * M + r) * V);
   for (int64_t k = 0; k < kn; k += V) {
-    if (ahead != nullptr && k % 16 == 0)
-      for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + k, 0, 2);  // 16 floats: one line
     fVec xv[R];
     for (int r = 0; r < R; ++r) xv[r] = fVec::loadu(x + r * kPanelK + k);
     for (int s = 0; s < S; ++s) {
-      fVec wv = fVec::loadu(w + s * kPanelK + k);
+      fVec wv = fVec::loadu(w + s * ws + k);
       in_register(wv);  // one load for its R uses, not one folded into each FMA (the loop would be load-bound)
       for (int r = 0; r < R; ++r) a[s][r] = at::vec::fmadd(wv, xv[r], a[s][r]);
     }
@@ -188,34 +191,43 @@ inline void panel_tile(const float* w, const float* x, int64_t M, int64_t kn, fl
     for (int r = 0; r < R; ++r) a[s][r].store(acc + (s * M + r) * V);
 }
 
+// panel_tile for the next min(left, R) rows of x.
+template <int S, int R>
+inline void panel_group(const float* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc, int64_t left) {
+  if constexpr (R > 0) {
+    if (left >= R) panel_tile<S, R>(w, ws, x, M, kn, acc);
+    else panel_group<S, R - 1>(w, ws, x, M, kn, acc, left);
+  }
+}
+
 // Output rows [n0, n0 + S) of y for all M rows of x (x [M, K], xp its panels), in a task ending at row n1.
 template <int S>
 void panel_rows(const float* x, const float* xp, int64_t M, const float* w, int64_t ws, int64_t K, int64_t N,
                 int64_t n0, int64_t n1, float* y) {
-  constexpr int64_t V = fVec::size();
+  constexpr int64_t V = fVec::size(), lines = kPanelK / kLine;
+  constexpr int R = kPanelTileRows;
   const int64_t Kv = K - K % V;
+  const int64_t groups = (M + R - 1) / R;
   __at_align__ float acc[S * kMaxRows * V];  // [S, M, V] running lane sums
-  __at_align__ float wp[S * kPanelK];        // [S, kPanelK] the weight rows' current panel
   std::fill(acc, acc + S * M * V, 0.0f);
-  const float* wr[S];
-  for (int s = 0; s < S; ++s) wr[s] = w + (n0 + s) * ws;
+  const float* wr = w + n0 * ws;  // [S, ws] these weight rows
   for (int64_t k0 = 0; k0 < Kv; k0 += kPanelK) {
     const int64_t kn = std::min(kPanelK, Kv - k0);
-    for (int s = 0; s < S; ++s) std::copy(wr[s] + k0, wr[s] + k0 + kn, wp + s * kPanelK);
-    const float* xk = xp + k0 / kPanelK * M * kPanelK;
-    // the panel after this one (its rows' next, or after their last the first of the next rows of the task) into
-    // L2 during the first tile
+    const float* xk = xp + k0 / kPanelK * M * kPanelK;  // [M, kPanelK] this panel of x
+    // the next panel: these rows' next, or after their last the first of the next rows of the task
     const bool last = k0 + kPanelK >= Kv;
     const float* ahead[S];
-    for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr[s] + k0 + kPanelK;
-    int64_t r = 0;
-    for (; r + 2 <= M; r += 2) panel_tile<S, 2>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead);
-    if (r < M) panel_tile<S, 1>(wp, xk + r * kPanelK, M, kn, acc + r * V, r ? nullptr : ahead);
+    for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr + s * ws + k0 + kPanelK;
+    for (int64_t r = 0, g = 0; r < M; r += R, ++g) {
+      for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l)
+        for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + l * kLine, 0, 2);
+      panel_group<S, R>(wr + k0, ws, xk + r * kPanelK, M, kn, acc + r * V, M - r);
+    }
   }
   for (int s = 0; s < S; ++s)
     for (int64_t r = 0; r < M; ++r) {
       float sum = hsum(fVec::loadu(acc + (s * M + r) * V));
-      for (int64_t k = Kv; k < K; ++k) sum = std::fma(wr[s][k], x[r * K + k], sum);
+      for (int64_t k = Kv; k < K; ++k) sum = std::fma(wr[s * ws + k], x[r * K + k], sum);
       y[r * N + n0 + s] = sum;
     }
 }
