@@ -42,7 +42,8 @@ class Generator:
     adapter: a LoRA adapter directory (PEFT format) to run with; merge_adapter=True folds it into the weights
     (fastest), False keeps it separate (the engine adds its low-rank update to each adapted projection).
     image_cache_mb: memory budget (MiB) of the cache of encoded images (LRU; 0 disables it): a chat that resends
-    its image, or a batch that repeats one, skips the vision tower. `self.image_cache.stats()` counts hits.
+    its image, or a batch that repeats one, skips its encoding (vision tower and cross-layer K/V, see image_cache.py).
+    `self.image_cache.stats()` counts hits.
     quantize: "int8" / "int4" quantizes the text decoder's linear weights on load (group_size inputs per scale;
     quantize_lm_head=True quantizes lm_head too; activations="int8" multiplies them by int8 activations, faster on
     the CPU, not exact); see `load_model`. A quantized base runs adapters unmerged only.

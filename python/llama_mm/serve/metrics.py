@@ -21,8 +21,8 @@ _ENGINE_STATS = {
     "kv_block_size": ("kv_block_size_tokens", "gauge", "Tokens per KV cache block"),
     "tokens_generated": ("generated_tokens", "counter", "Tokens generated since start"),
     "requests_finished": ("engine_requests_finished", "counter", "Requests the engine has finished"),
-    "image_cache_hits": ("image_cache_hits", "counter", "Images whose vision states came from the cache"),
-    "image_cache_misses": ("image_cache_misses", "counter", "Images run through the vision tower"),
+    "image_cache_hits": ("image_cache_hits", "counter", "Images whose encoding (cross-layer K/V) came from the cache"),
+    "image_cache_misses": ("image_cache_misses", "counter", "Images encoded (vision tower and cross-layer K/V)"),
 }
 
 
