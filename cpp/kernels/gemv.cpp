@@ -135,29 +135,31 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
   }
 }
 
-// kPanelMinRows rows of x or more, float32 weights: each weight value is used M times, so the product is bound by
-// the multiply-adds as much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows,
-// leave the FMA units mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel
-// by panel (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K
-// floats apart do), and kPanelRows weight rows' panels, read in place, are multiplied by every group of
-// kPanelTileRows x rows while they sit in L1: 6 x 2 accumulators, 6 + 2 loads per 12 FMAs. The next panel (after a
-// row group's last, the next group's first) is prefetched into L2 a share before each group of x rows, so that its
-// reads spread over the whole panel's work. The accumulators wait in memory between panels, so each dot product is
-// still summed lane by lane over k in order, then across lanes (hsum), then the scalar tail: dot_tile's order, bit
-// for bit, whatever M (batch invariance holds across the two paths).
-// Measured on 2 Zen 3 cores (one decode step's products, the variants compiled side by side and alternated in one
-// process): spreading the prefetch instead of issuing it all during the first pair 1.18x / 1.23x / 1.08x at
-// 8 / 16 / 64 rows (450M shapes); reading the weight rows in place instead of copying each panel into an L1 buffer
-// 1.14x / 1.04x / 1.0x more there and 1.2x / 1.1x at the 11B shapes; 4 x 3 tiles 0.85-0.9x of 6 x 2. Earlier
-// (session 7): panels at 2-4 rows 0.85-1.05x the tiles, hence from 8 rows; panels of 512 values ~8% faster than 256,
+// kPanelMinRows rows of x or more, x in float32 (every weight dtype, except bfloat16 with vdpbf16ps, whose pairwise
+// order belongs to the tiles): each weight value is used M times, so the product is bound by the multiply-adds as
+// much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows, leave the FMA units
+// mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel by panel
+// (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K floats
+// apart do), and kPanelRows weight rows' panels, read in place, are multiplied by every group of kPanelTileRows x
+// rows while they sit in L1: 6 x 2 accumulators, 6 + 2 loads per 12 FMAs (bfloat16 / float16 weights widened in
+// the register). The next panel (after a row group's last, the next group's first) is prefetched into L2 a share
+// before each group of x rows, so that its reads spread over the whole panel's work. The accumulators wait in
+// memory between panels, so each dot product is still summed lane by lane over k in order, then across lanes
+// (hsum), then the scalar tail: dot_tile's order, bit for bit, whatever M (batch invariance holds across the two
+// paths).
+// Measured on 2 Zen 3 cores (one decode step's products, weights streamed from memory, kernels alternated in one
+// process): weight rows read in place with the prefetch spread, against session 7's copy of each panel into an L1
+// buffer with the prefetch issued during the first pair, float32 1.16-1.20x at 16 rows, 1.09x at 32, 1.0-1.04x at
+// 64, and 1.39x at 8 and 16 rows at the 11B shapes; 4 x 3 tiles 0.85-0.9x of 6 x 2; prefetch 2-3 panels ahead 1.0x,
+// into L1 0.87-0.97x. bfloat16 weights on panels against the tiles: 1.17-1.33x at 8 rows, 1.02-1.17x at 16,
+// 1.0-1.06x at 32 (widening each panel into a buffer instead made 2-4 rows 0.8x and 16 rows even, session 7).
+// Panels at 2-4 rows measured 0.85-1.05x the tiles, hence from 8 rows; panels of 512 values ~8% faster than 256,
 // 1024 no better.
-// bfloat16 / float16 weights stay on the tiles: widening a panel into a buffer made 2-4 rows 0.8x, 16 rows even.
 constexpr int kPanelRows = 6;
 constexpr int kPanelTileRows = 2;
 constexpr int64_t kPanelK = 512;
 constexpr int64_t kPanelMinRows = 8;
 constexpr int64_t kTaskBytes = 256 * 1024;
-constexpr int64_t kLine = 16;  // floats per cache line
 
 // Number of panels of the first K - K % V values (the vector part; the rest is the scalar tail).
 inline int64_t panel_count(int64_t K) { return (K - K % fVec::size() + kPanelK - 1) / kPanelK; }
@@ -172,8 +174,8 @@ inline void pack_x_panels(const float* x, int64_t M, int64_t K, float* xp) {
 
 // acc[s * M + r] += w[s * ws, + kn) . x[r * kPanelK, + kn) lane by lane, for S weight rows (ws apart) and R rows
 // of x, kn % V == 0.
-template <int S, int R>
-inline void panel_tile(const float* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc) {
+template <typename T, int S, int R>
+inline void panel_tile(const T* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc) {
   constexpr int64_t V = fVec::size();
   fVec a[S][R];
   for (int s = 0; s < S; ++s)
@@ -182,7 +184,7 @@ inline void panel_tile(const float* w, int64_t ws, const float* x, int64_t M, in
     fVec xv[R];
     for (int r = 0; r < R; ++r) xv[r] = fVec::loadu(x + r * kPanelK + k);
     for (int s = 0; s < S; ++s) {
-      fVec wv = fVec::loadu(w + s * ws + k);
+      fVec wv = load1(w + s * ws + k);  // bfloat16 / float16 widened in the register
       in_register(wv);  // one load for its R uses, not one folded into each FMA (the loop would be load-bound)
       for (int r = 0; r < R; ++r) a[s][r] = at::vec::fmadd(wv, xv[r], a[s][r]);
     }
@@ -192,60 +194,60 @@ inline void panel_tile(const float* w, int64_t ws, const float* x, int64_t M, in
 }
 
 // panel_tile for the next min(left, R) rows of x.
-template <int S, int R>
-inline void panel_group(const float* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc, int64_t left) {
+template <typename T, int S, int R>
+inline void panel_group(const T* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc, int64_t left) {
   if constexpr (R > 0) {
-    if (left >= R) panel_tile<S, R>(w, ws, x, M, kn, acc);
-    else panel_group<S, R - 1>(w, ws, x, M, kn, acc, left);
+    if (left >= R) panel_tile<T, S, R>(w, ws, x, M, kn, acc);
+    else panel_group<T, S, R - 1>(w, ws, x, M, kn, acc, left);
   }
 }
 
 // Output rows [n0, n0 + S) of y for all M rows of x (x [M, K], xp its panels), in a task ending at row n1.
-template <int S>
-void panel_rows(const float* x, const float* xp, int64_t M, const float* w, int64_t ws, int64_t K, int64_t N,
-                int64_t n0, int64_t n1, float* y) {
-  constexpr int64_t V = fVec::size(), lines = kPanelK / kLine;
+template <typename T, int S>
+void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
+                int64_t n0, int64_t n1, T* y) {
+  constexpr int64_t V = fVec::size(), line = 64 / sizeof(T), lines = kPanelK / line;  // line: elements per line
   constexpr int R = kPanelTileRows;
   const int64_t Kv = K - K % V;
   const int64_t groups = (M + R - 1) / R;
   __at_align__ float acc[S * kMaxRows * V];  // [S, M, V] running lane sums
   std::fill(acc, acc + S * M * V, 0.0f);
-  const float* wr = w + n0 * ws;  // [S, ws] these weight rows
+  const T* wr = w + n0 * ws;  // [S, ws] these weight rows
   for (int64_t k0 = 0; k0 < Kv; k0 += kPanelK) {
     const int64_t kn = std::min(kPanelK, Kv - k0);
     const float* xk = xp + k0 / kPanelK * M * kPanelK;  // [M, kPanelK] this panel of x
     // the next panel: these rows' next, or after their last the first of the next rows of the task
     const bool last = k0 + kPanelK >= Kv;
-    const float* ahead[S];
+    const T* ahead[S];
     for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr + s * ws + k0 + kPanelK;
     for (int64_t r = 0, g = 0; r < M; r += R, ++g) {
       for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l)
-        for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + l * kLine, 0, 2);
-      panel_group<S, R>(wr + k0, ws, xk + r * kPanelK, M, kn, acc + r * V, M - r);
+        for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + l * line, 0, 2);
+      panel_group<T, S, R>(wr + k0, ws, xk + r * kPanelK, M, kn, acc + r * V, M - r);
     }
   }
   for (int s = 0; s < S; ++s)
     for (int64_t r = 0; r < M; ++r) {
       float sum = hsum(fVec::loadu(acc + (s * M + r) * V));
-      for (int64_t k = Kv; k < K; ++k) sum = std::fma(wr[s * ws + k], x[r * K + k], sum);
-      y[r * N + n0 + s] = sum;
+      for (int64_t k = Kv; k < K; ++k) sum = std::fma(widen(wr[s * ws + k]), x[r * K + k], sum);
+      y[r * N + n0 + s] = static_cast<T>(sum);
     }
 }
 
-template <int S = kPanelRows>
-void panel_block(const float* x, const float* xp, int64_t M, const float* w, int64_t ws, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1, float* y) {
+template <typename T, int S = kPanelRows>
+void panel_block(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1, T* y) {
   int64_t n = n0;
-  for (; n + S <= n1; n += S) panel_rows<S>(x, xp, M, w, ws, K, N, n, n1, y);
+  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, n1, y);
   if constexpr (S > 1) {
-    if (n < n1) panel_block<S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
+    if (n < n1) panel_block<T, S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
   }
 }
 
 // Rows [n0, n1) of y from x (T, [M, K], contiguous) and w (T, [N, K], rows contiguous). One row of x: the block
 // is cut into kStreams contiguous parts walked side by side (one row of each per step), the rows left over one at a
 // time. More rows: two adjacent weight rows at a time, read once for all rows of x (which stay in cache); from
-// kPanelMinRows rows of float32, panel_block instead.
+// kPanelMinRows rows (x in float32), panel_block instead.
 constexpr int kStreams = 4;
 
 template <typename T, typename XT>
@@ -302,7 +304,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
     const T* wp = w.data_ptr<T>();
     const XT* xp = xw.data_ptr<XT>();
     T* yp = y.data_ptr<T>();
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<XT, float>) {  // not vdpbf16ps: its pairwise order is the tiles' alone
       if (B >= kPanelMinRows) {
         auto panels = at::empty({panel_count(K), B, kPanelK}, xw.options());  // x laid out panel by panel
         const float* xpp = panels.data_ptr<float>();
