@@ -87,14 +87,15 @@ def test_engine_logits_match_pytorch_path(setup):
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_bf16_engine_as_accurate_as_transformers_bf16(setup, tmp_path):
+@pytest.mark.parametrize("seq", [9, 100])  # 100: the prompt's products take more than gemv's 64 rows
+def test_bf16_engine_as_accurate_as_transformers_bf16(setup, tmp_path, seq):
     """bf16 cannot match token for token (rounding order differs), so measure both bf16 implementations against
     float32 arithmetic on the same bf16-rounded weights: ours must be about as close as transformers' own bf16."""
     ref, _, _ = setup
     engine = Engine(llama_mm.load_model(write_checkpoint(tmp_path, ref), dtype=torch.bfloat16))
     hf16 = copy.deepcopy(ref).to(torch.bfloat16)
     truth = copy.deepcopy(hf16).float()  # float32 arithmetic, bf16-rounded weights
-    inputs = random_inputs(ref, seq=9, aspect_ratios=((2, 2),), seed=8)
+    inputs = random_inputs(ref, seq=seq, aspect_ratios=((2, 2),), seed=8)
     errors = []
     for logits, full, exact in teacher_forced(engine, inputs, 4, lambda full: truth(**full).logits[:, -1]):
         with torch.no_grad():
@@ -239,6 +240,31 @@ def test_gemv(dtype, tol, rows, N, K, row_stride):
     err = ((out.double() - expected).abs().max() / expected.abs().max()).item()
     print(f"gemv {dtype} rows={rows} {N}x{K}: max rel diff {err:.1e}")
     assert out.shape == (rows, 1, N) and out.dtype == dtype and err < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,N,K", [(100, 300, 130), (3, 17, 64), (700, 2100, 96)])  # 2100 x 96: 2 weight blocks
+def test_widened_linear(dtype, rows, N, K):
+    """16-bit weights widened to float32 GEMMs (taken for > 64 rows on CPUs without 16-bit arithmetic): against
+    float64, as accurate as at::linear's own 16-bit product."""
+    g = torch.Generator().manual_seed(rows + N)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    out = torch.ops.llama_mm.widened_linear(x, w)
+    expected = x.double() @ w.double().T
+    ours = (out.double() - expected).abs().max().item()
+    theirs = (torch.nn.functional.linear(x, w).double() - expected).abs().max().item()
+    print(f"widened_linear {dtype} {rows}x{N}x{K}: max abs error {ours:.3g} (F.linear {theirs:.3g})")
+    assert out.shape == (rows, N) and out.dtype == dtype and ours <= 1.5 * theirs + 1e-6
+    assert ours <= 2 ** -7 * expected.abs().max().item()  # within the dtype's rounding of the largest output
+    torch.library.opcheck(torch.ops.llama_mm.widened_linear.default, (x[:4], w))
+
+
+def test_widened_linear_bad_inputs():
+    with pytest.raises(RuntimeError, match="disagree on K"):
+        torch.ops.llama_mm.widened_linear(torch.randn(2, 5).bfloat16(), torch.randn(3, 4).bfloat16())
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.llama_mm.widened_linear(torch.randn(2, 4), torch.randn(3, 4).bfloat16())
 
 
 def test_gemv_bad_inputs():

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "gemv.h"
+#include "widened_linear.h"
 
 namespace llama_mm::dispatch {
 
@@ -70,9 +71,11 @@ inline at::Scalar lowest(at::ScalarType t) {
 }
 
 // Matrix product with a dense weight [N, K]: the streaming matrix-vector kernel for the decode step's few rows on
-// the CPU, else at::linear.
+// the CPU; more rows with 16-bit weights on a CPU without 16-bit arithmetic: widened to float32 GEMMs; else
+// at::linear.
 inline at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w) {
-  return cpu::gemv_applies(x, w) ? cpu::gemv(x, w) : at::linear(x, w);
+  if (cpu::gemv_applies(x, w)) return cpu::gemv(x, w);
+  return cpu::widened_linear_applies(x, w) ? cpu::widened_linear(x, w) : at::linear(x, w);
 }
 
 }  // namespace llama_mm::dispatch

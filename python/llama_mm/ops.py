@@ -237,6 +237,10 @@ if NATIVE:
     def _gemv_fake(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("llama_mm::widened_linear")
+    def _widened_linear_fake(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     @torch.library.register_fake("llama_mm::paged_attention")
     def _paged_attention_fake(q, k_pool, v_pool, block_tables, lengths):
         return q.new_empty(q.shape)
