@@ -75,16 +75,16 @@ class ImageCache:
         """Stores (kind, value) under key, evicting the least recently used; False if larger than the budget."""
         if kind not in (KV, STATES):
             raise ValueError(f"an image cache entry holds {KV!r} or {STATES!r}, got {kind!r}")
-        size = _nbytes(value)
+        size = value.nbytes
         if size > self.max_bytes:
             return False
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:  # two threads encoded the same image at once, or K/V replace states: keep one
-                self.bytes -= _nbytes(old[1])
+                self.bytes -= old[1].nbytes
             while self._entries and self.bytes + size > self.max_bytes:
                 _, (_, evicted) = self._entries.popitem(last=False)
-                self.bytes -= _nbytes(evicted)
+                self.bytes -= evicted.nbytes
                 self.evictions += 1
             self._entries[key] = (kind, value)
             self.bytes += size
@@ -113,10 +113,6 @@ def image_key(pixel_values: torch.Tensor, aspect_ratio_id: torch.Tensor, aspect_
              f"{aspect_ratio_mask.tolist()}|{dtype}|{device}|".encode())
     h.update(pixels.view(-1).view(torch.uint8).numpy().data)
     return h.digest()
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def encode_image_kv(engine, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
