@@ -8,6 +8,7 @@
 #include "engine.h"
 #include "scheduler.h"
 #include "sampling.h"
+#include "widened_linear.h"
 
 namespace {
 
@@ -48,6 +49,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("repetition_penalty", &llama_mm::SamplingParams::repetition_penalty)
       .def_readwrite("seed", &llama_mm::SamplingParams::seed);
 
+  m.def("widened_linear_applies", &llama_mm::cpu::widened_linear_applies,
+        "Whether x @ weight^T runs faster widened (torch.ops.llama_mm.widened_linear): CPU tensors of one 16-bit "
+        "dtype on a CPU without arithmetic in that dtype",
+        py::arg("x"), py::arg("weight"));
   m.def("sampling_probs", &llama_mm::sampling_probs, "logits [B, V] -> probabilities after the warpers",
         py::arg("logits"), py::arg("params"));
   m.def("sample_next",

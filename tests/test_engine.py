@@ -244,20 +244,22 @@ def test_gemv(dtype, tol, rows, N, K, row_stride):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,N,K", [(100, 300, 130), (3, 17, 64), (700, 2100, 96)])  # 2100 x 96: 2 weight blocks
-def test_widened_linear(dtype, rows, N, K):
-    """16-bit weights widened to float32 GEMMs (taken for > 64 rows on CPUs without 16-bit arithmetic): against
-    float64, as accurate as at::linear's own 16-bit product."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_widened_linear(dtype, rows, N, K, with_bias):
+    """16-bit weights widened to float32 GEMMs (taken for > 64 rows on CPUs without 16-bit arithmetic, and by the
+    vision tower): against float64, as accurate as at::linear's own 16-bit product."""
     g = torch.Generator().manual_seed(rows + N)
     x = torch.randn(rows, K, generator=g).to(dtype)
     w = torch.randn(N, K, generator=g).to(dtype)
-    out = torch.ops.llama_mm.widened_linear(x, w)
-    expected = x.double() @ w.double().T
+    b = torch.randn(N, generator=g).to(dtype) * 4 if with_bias else None
+    out = torch.ops.llama_mm.widened_linear(x, w, b)
+    expected = x.double() @ w.double().T + (b.double() if with_bias else 0)
     ours = (out.double() - expected).abs().max().item()
-    theirs = (torch.nn.functional.linear(x, w).double() - expected).abs().max().item()
-    print(f"widened_linear {dtype} {rows}x{N}x{K}: max abs error {ours:.3g} (F.linear {theirs:.3g})")
+    theirs = (torch.nn.functional.linear(x, w, b).double() - expected).abs().max().item()
+    print(f"widened_linear {dtype} {rows}x{N}x{K} bias={with_bias}: max abs error {ours:.3g} (F.linear {theirs:.3g})")
     assert out.shape == (rows, N) and out.dtype == dtype and ours <= 1.5 * theirs + 1e-6
     assert ours <= 2 ** -7 * expected.abs().max().item()  # within the dtype's rounding of the largest output
-    torch.library.opcheck(torch.ops.llama_mm.widened_linear.default, (x[:4], w))
+    torch.library.opcheck(torch.ops.llama_mm.widened_linear.default, (x[:4], w, b))
 
 
 def test_widened_linear_bad_inputs():
@@ -265,6 +267,36 @@ def test_widened_linear_bad_inputs():
         torch.ops.llama_mm.widened_linear(torch.randn(2, 5).bfloat16(), torch.randn(3, 4).bfloat16())
     with pytest.raises(RuntimeError, match="share a dtype"):
         torch.ops.llama_mm.widened_linear(torch.randn(2, 4), torch.randn(3, 4).bfloat16())
+    x, w = torch.randn(2, 4).bfloat16(), torch.randn(3, 4).bfloat16()
+    with pytest.raises(RuntimeError, match=r"bias must be \[N\] = \[3\]"):
+        torch.ops.llama_mm.widened_linear(x, w, torch.randn(4).bfloat16())
+    with pytest.raises(RuntimeError, match="bias must have the weight's dtype"):
+        torch.ops.llama_mm.widened_linear(x, w, torch.randn(3))
+
+
+def test_linear_wrapper_takes_widened_where_it_applies():
+    """llama_mm.ops.linear (the vision tower's and projector's products): widened_linear exactly where
+    _C.widened_linear_applies says so (16-bit tensors on a CPU without that arithmetic), else F.linear, and F.linear
+    whenever autograd records (gradients as F.linear's)."""
+    from llama_mm import ops
+
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(70, 48, generator=g), torch.randn(20, 48, generator=g), torch.randn(20, generator=g)
+    assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))  # float32: F.linear itself
+    assert not _C.widened_linear_applies(x, w)
+    for dt in (torch.bfloat16, torch.float16):
+        xd, wd, bd = x.to(dt), w.to(dt), b.to(dt)
+        path = torch.ops.llama_mm.widened_linear(xd, wd, bd) if _C.widened_linear_applies(xd, wd) \
+            else torch.nn.functional.linear(xd, wd, bd)
+        assert torch.equal(ops.linear(xd, wd, bd), path)
+        layer = torch.nn.Linear(48, 20).to(dt)
+        assert torch.equal(ops.apply_linear(layer, xd), ops.linear(xd, layer.weight, layer.bias))
+    # autograd: F.linear, the same gradients
+    wg = w.bfloat16().requires_grad_()
+    ops.linear(x.bfloat16(), wg).float().sum().backward()
+    wf = w.bfloat16().requires_grad_()
+    torch.nn.functional.linear(x.bfloat16(), wf).float().sum().backward()
+    assert torch.equal(wg.grad, wf.grad)
 
 
 def test_gemv_bad_inputs():

@@ -143,6 +143,33 @@ def test_bf16_checkpoint_loaded_as_fp32(tmp_path, pair):
     compare(ref32, ours, random_inputs(ref, aspect_ratios=((2, 2),)))
 
 
+def test_bf16_vision_as_accurate_as_transformers_bf16(tmp_path, pair):
+    """The vision tower and projector in bf16 (their products widened to float32 GEMMs on CPUs without bf16
+    arithmetic, see ops.linear) against float32 arithmetic on the same bf16-rounded weights: at least about as close
+    as transformers' own bf16 vision tower."""
+    import copy
+
+    ref, _ = pair
+    ours = llama_mm.load_model(write_checkpoint(tmp_path, ref), dtype=torch.bfloat16)
+    hf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    truth = copy.deepcopy(hf16).float()
+    inputs = random_inputs(ref, aspect_ratios=((2, 2),), seed=6)
+    pixels, ar_ids, ar_mask = inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"]
+
+    def hf_states(m, dtype):
+        out = m.model.vision_model(pixel_values=pixels.to(dtype), aspect_ratio_ids=ar_ids,
+                                   aspect_ratio_mask=ar_mask).last_hidden_state
+        return m.model.multi_modal_projector(out).float().flatten(1, -2)  # (B, N * T * P, C)
+
+    with torch.no_grad():
+        exact, theirs = hf_states(truth, torch.float32), hf_states(hf16, torch.bfloat16)
+        got = ours.vision_states(pixels, ar_ids, ar_mask)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    err_ours, err_theirs = (got.float() - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    print(f"max |vision state error| llama_mm bf16 {err_ours:.3g}, transformers bf16 {err_theirs:.3g}")
+    assert err_theirs > 0 and err_ours <= 1.5 * err_theirs
+
+
 def test_weights_are_memory_mapped_not_copied(pair):
     _, ours = pair
     p = ours.language_model.model.embed_tokens.weight

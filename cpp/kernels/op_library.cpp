@@ -19,7 +19,7 @@ TORCH_LIBRARY(llama_mm, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, Tensor length) -> Tensor");
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
-  m.def("widened_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("widened_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
   m.def("qlinear_a8(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor");
   m.def(

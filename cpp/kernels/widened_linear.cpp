@@ -5,6 +5,7 @@
 #include "widened_linear.h"
 
 #include <algorithm>
+#include <optional>
 
 namespace llama_mm::cpu {
 namespace {
@@ -29,18 +30,27 @@ bool widened_linear_applies(const at::Tensor& x, const at::Tensor& w) {
          (t == at::kBFloat16 || t == at::kHalf) && !cpu_has_16bit_arithmetic(t);
 }
 
-at::Tensor widened_linear(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor widened_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "widened_linear: x ", x.sizes(), " and weight ", w.sizes(),
               " disagree on K");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "widened_linear: x and weight must share a dtype, got ",
               x.scalar_type(), " and ", w.scalar_type());
   const int64_t N = w.size(0), K = w.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "widened_linear: bias must be [N] = [", N, "], got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == w.scalar_type() && bias->device() == w.device(),
+                "widened_linear: bias must have the weight's dtype and device, got ", bias->scalar_type(), " on ",
+                bias->device());
+  }
   const auto xf = x.reshape({-1, K}).to(at::kFloat);  // [M, K]
   auto y = at::empty({xf.size(0), N}, x.options());   // [M, N] in the dtype
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (K * 4));
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n = std::min(block, N - n0);
-    y.narrow(1, n0, n).copy_(at::linear(xf, w.narrow(0, n0, n).to(at::kFloat)));  // rounded once
+    const std::optional<at::Tensor> b =
+        bias ? std::optional<at::Tensor>(bias->narrow(0, n0, n).to(at::kFloat)) : std::nullopt;
+    y.narrow(1, n0, n).copy_(at::linear(xf, w.narrow(0, n0, n).to(at::kFloat), b));  // rounded once
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .ops import apply_linear
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -59,10 +60,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         BN, S, C = x.shape
-        q, k, v = (p(x).view(BN, S, self.n_heads, self.head_dim).transpose(1, 2)  # (BN, H, S, D)
+        q, k, v = (apply_linear(p, x).view(BN, S, self.n_heads, self.head_dim).transpose(1, 2)  # (BN, H, S, D)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         out = attend_with_padding(q, k, v, pad)  # (BN, H, S, D)
-        return self.o_proj(out.transpose(1, 2).reshape(BN, S, C))
+        return apply_linear(self.o_proj, out.transpose(1, 2).reshape(BN, S, C))
 
 
 class VisionMLP(nn.Module):
@@ -72,7 +73,7 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return apply_linear(self.fc2, F.gelu(apply_linear(self.fc1, x)))
 
 
 class VisionLayer(nn.Module):
