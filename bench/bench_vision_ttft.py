@@ -98,16 +98,16 @@ def int8_path(model, engine, inputs, exact_states, repeats: int) -> dict:
 
 
 def at_linear_run(engine, inputs):
-    """engine.run with the vision tower's and projector's products in at::linear's own 16-bit GEMM (ops.linear
-    patched to F.linear): llama_mm's path before it widened them."""
+    """engine.run with the vision tower's and projector's products in at::linear's own 16-bit GEMM and the patch
+    convolution in at::conv2d (ops.widens patched to say no): llama_mm's path before it widened them."""
     from llama_mm import ops
 
-    widened = ops.linear
-    ops.linear = torch.nn.functional.linear
+    widens = ops.widens
+    ops.widens = lambda *args, **kwargs: False
     try:
         return engine.run(inputs, 1)
     finally:
-        ops.linear = widened
+        ops.widens = widens
 
 
 def main():

@@ -170,6 +170,31 @@ def test_bf16_vision_as_accurate_as_transformers_bf16(tmp_path, pair):
     assert err_theirs > 0 and err_ours <= 1.5 * err_theirs
 
 
+def test_patch_embedding_as_a_product(pair):
+    """The patch convolution as the product of unfolded patches and the weight (taken where ops.linear widens
+    16-bit products): bf16 as close to float64 as at::conv2d's own bf16 convolution; float32 keeps the convolution."""
+    import copy
+
+    import torch.nn.functional as F
+
+    _, model = pair
+    vm = copy.deepcopy(model.vision_model)
+    size = vm.cfg.image_size
+    tiles = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    conv = vm.patch_embedding
+    with torch.no_grad():
+        assert torch.equal(vm.embed_patches(tiles), conv(tiles).flatten(2).transpose(1, 2))
+        vm.bfloat16()
+        t16 = tiles.bfloat16()
+        exact = F.conv2d(t16.double(), conv.weight.double(), stride=conv.stride).flatten(2).transpose(1, 2)
+        ours, theirs = vm.embed_patches(t16), conv(t16).flatten(2).transpose(1, 2)
+    patches = (size // conv.stride[0]) ** 2
+    assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape == (3, patches, vm.cfg.hidden_size)
+    err, conv_err = (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
+    print(f"patch embedding bf16: max abs error {err:.3g} (at::conv2d {conv_err:.3g})")
+    assert err <= 1.5 * conv_err + 1e-6 and err <= 2 ** -7 * exact.abs().max().item()
+
+
 def test_weights_are_memory_mapped_not_copied(pair):
     _, ours = pair
     p = ours.language_model.model.embed_tokens.weight

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ops
 from .config import MllamaConfig
-from .ops import apply_linear
 from .quant.checkpoint import split_quantized
 from .quant.layers import check_activations, install_quantized, set_activations, text_linear_names
 from .quant.rtn import QuantizedWeight, quantize_weight
@@ -77,7 +77,7 @@ class MllamaModel(nn.Module):
         """Projected image features [B, N * tiles * num_patches, text hidden]: what cross-attention reads."""
         features = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, T, P, Dv)
         B = features.shape[0]
-        return apply_linear(self.multi_modal_projector, features).reshape(B, -1, self.cfg.text.hidden_size)
+        return ops.apply_linear(self.multi_modal_projector, features).reshape(B, -1, self.cfg.text.hidden_size)
 
     def cross_kv(self, vision_states: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per cross-attention layer index, its (k, v) [B, Hkv, S, D]: computed once per request."""

@@ -31,8 +31,8 @@ NATIVE: bool = _C is not None
 CUDA_KERNELS: bool = NATIVE and bool(_C.cuda_kernels)
 
 __all__ = ["NATIVE", "CUDA_KERNELS", "rms_norm", "rope", "silu_mul", "paged_attention", "qlinear", "qlinear_a8",
-           "linear", "apply_linear", "rms_norm_ref", "rope_ref", "silu_mul_ref", "paged_attention_ref", "qlinear_ref",
-           "qlinear_dequantize", "quantize_activations_ref", "qlinear_a8_ref"]
+           "linear", "widens", "apply_linear", "rms_norm_ref", "rope_ref", "silu_mul_ref", "paged_attention_ref",
+           "qlinear_ref", "qlinear_dequantize", "quantize_activations_ref", "qlinear_a8_ref"]
 
 
 # ---- references (HF formulas) ----------------------------------------------------------------------------------
@@ -208,10 +208,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x's 16-bit dtype (bfloat16 without AVX512-BF16, float16 without AVX512-FP16) it runs
     torch.ops.llama_mm.widened_linear instead: float32 GEMMs over widened weight blocks, each output rounded once,
     5-8x faster there (widened_linear.cpp). Elsewhere, and when autograd needs it, F.linear."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if _native_ok(*tensors) and _C.widened_linear_applies(x, weight):
+    if widens(x, weight, bias):
         return torch.ops.llama_mm.widened_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def widens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear` takes widened_linear for these operands (weight [N, K])."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return _native_ok(*tensors) and _C.widened_linear_applies(x, weight)
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

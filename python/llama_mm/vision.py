@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import VisionConfig
-from .ops import apply_linear
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -60,10 +60,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         BN, S, C = x.shape
-        q, k, v = (apply_linear(p, x).view(BN, S, self.n_heads, self.head_dim).transpose(1, 2)  # (BN, H, S, D)
+        q, k, v = (ops.apply_linear(p, x).view(BN, S, self.n_heads, self.head_dim).transpose(1, 2)  # (BN, H, S, D)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         out = attend_with_padding(q, k, v, pad)  # (BN, H, S, D)
-        return apply_linear(self.o_proj, out.transpose(1, 2).reshape(BN, S, C))
+        return ops.apply_linear(self.o_proj, out.transpose(1, 2).reshape(BN, S, C))
 
 
 class VisionMLP(nn.Module):
@@ -73,7 +73,7 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(self.fc2, F.gelu(apply_linear(self.fc1, x)))
+        return ops.apply_linear(self.fc2, F.gelu(ops.apply_linear(self.fc1, x)))
 
 
 class VisionLayer(nn.Module):
@@ -168,6 +168,17 @@ class VisionModel(nn.Module):
         self.transformer = VisionEncoder(cfg, cfg.num_hidden_layers, gated=False)
         self.global_transformer = VisionEncoder(cfg, cfg.num_global_layers, gated=True)
 
+    def embed_patches(self, tiles: torch.Tensor) -> torch.Tensor:
+        """tiles [BNT, 3, H, W] -> [BNT, g * g, C]: the patch convolution (kernel = stride = patch size). Where
+        `linear` widens 16-bit products, as that product: every patch's 3 * p * p values (F.unfold, in the weight's
+        channel-major order) times the weight [C, 3 * p * p], each output rounded once."""
+        conv = self.patch_embedding
+        weight = conv.weight.reshape(conv.out_channels, -1)  # (C, 3 * p * p)
+        if type(conv) is nn.Conv2d and not conv._forward_hooks and ops.widens(tiles, weight):
+            patches = F.unfold(tiles, conv.kernel_size, stride=conv.stride)  # (BNT, 3 * p * p, g * g)
+            return ops.linear(patches.transpose(1, 2), weight)
+        return conv(tiles).flatten(2).transpose(1, 2)
+
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
         """pixel_values [B, N, T, 3, H, W]; aspect_ratio_ids [B, N]; aspect_ratio_mask [B, N, T]."""
         cfg = self.cfg
@@ -176,8 +187,7 @@ class VisionModel(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         ar_ids = aspect_ratio_ids.reshape(B * N)
 
-        x = self.patch_embedding(pixel_values.reshape(B * N * T, ch, H, W).to(dtype))  # (BNT, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (BNT, P-1, C)
+        x = self.embed_patches(pixel_values.reshape(B * N * T, ch, H, W).to(dtype))  # (BNT, P-1, C)
         x = self.pre_tile_positional_embedding(x.reshape(B * N, T, P - 1, C), ar_ids)
         cls = self.class_embedding.expand(B * N * T, 1, C)
         x = torch.cat([cls, x.reshape(B * N * T, P - 1, C)], dim=1)  # (BNT, P, C)
