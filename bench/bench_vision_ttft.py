@@ -148,7 +148,7 @@ def main():
                 return hf.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=TEXT["pad_token_id"])
 
         runs = {"transformers": hf_run, "llama_mm": lambda: engine.run(inputs, 1)}
-        if dtype != torch.float32:  # the products as before widened_linear took them (session 8): at::linear's
+        if dtype != torch.float32:  # llama_mm's 16-bit vision path before session 9, in the same run
             runs["llama_mm at::linear"] = lambda: at_linear_run(engine, inputs)
         captured = {}  # each side's projected vision states, taken from the timed runs (no extra pass)
         capture_projector(hf.model.multi_modal_projector, captured, "transformers")

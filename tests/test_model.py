@@ -190,6 +190,10 @@ def test_patch_embedding_as_a_product(pair):
         ours, theirs = vm.embed_patches(t16), conv(t16).flatten(2).transpose(1, 2)
     patches = (size // conv.stride[0]) ** 2
     assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape == (3, patches, vm.cfg.hidden_size)
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    if llama_mm.ops.widens(t16, weight):  # this CPU has no bf16 arithmetic: the widened product is the path taken
+        patches = F.unfold(t16, conv.kernel_size, stride=conv.stride).transpose(1, 2)
+        assert torch.equal(ours, torch.ops.llama_mm.widened_linear(patches, weight))
     err, conv_err = (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
     print(f"patch embedding bf16: max abs error {err:.3g} (at::conv2d {conv_err:.3g})")
     assert err <= 1.5 * conv_err + 1e-6 and err <= 2 ** -7 * exact.abs().max().item()

@@ -174,7 +174,9 @@ class VisionModel(nn.Module):
         channel-major order) times the weight [C, 3 * p * p], each output rounded once."""
         conv = self.patch_embedding
         weight = conv.weight.reshape(conv.out_channels, -1)  # (C, 3 * p * p)
-        if type(conv) is nn.Conv2d and not conv._forward_hooks and ops.widens(tiles, weight):
+        plain = (type(conv) is nn.Conv2d and conv.bias is None and conv.padding == (0, 0) and conv.dilation == (1, 1)
+                 and conv.groups == 1 and not (conv._forward_hooks or conv._forward_pre_hooks))
+        if plain and ops.widens(tiles, weight):
             patches = F.unfold(tiles, conv.kernel_size, stride=conv.stride)  # (BNT, 3 * p * p, g * g)
             return ops.linear(patches.transpose(1, 2), weight)
         return conv(tiles).flatten(2).transpose(1, 2)
