@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .quant.layers import QuantLinear
 from .weights import CheckpointError, canonical_name, mismatch_report, read_safetensors, transformers_name
 
@@ -99,7 +99,7 @@ class LoraLinear(LoraLayer, nn.Linear):
         self.init_lora(r, scaling, dropout, base.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_update(x, F.linear(x, self.weight, self.bias))
+        return self.add_update(x, ops.linear(x, self.weight, self.bias))  # 16-bit: widened where that is faster
 
 
 class QuantLoraLinear(LoraLayer, QuantLinear):
