@@ -102,27 +102,27 @@ inline void x_order_32(const float* x, float* out, int64_t K) {
 #if defined(__AVX2__) && defined(__FMA__)
 
 // The AVX2 path takes 32 stored values at a time (group sizes that are multiples of 32). int4: their 16 bytes are
-// split into low nibbles (even k) and high nibbles (odd k), and vpshufb spreads 8 bytes into the 8 int32 lanes of a
-// vector; that gives the values in the order k0 + 0, 2, .., 14 | 16, 18, .., 30 | 1, 3, .., 15 | 17, .., 31, so x is
-// laid out in that order once per call (x_order_32 above) instead of shuffling every weight. int8: the 32 bytes in
-// order, 8 at a time zero-extended. Three vector operations per 8 values (spread, convert, FMA): on AVX2 machines
-// this loop, not memory, is what bounds the int4 kernel, so it has no other work in it.
+// zero-extended 8 at a time into the 8 int32 lanes of a vector, and each lane's low nibble (even k) and high nibble
+// (odd k) taken apart; that gives the values in the order k0 + 0, 2, .., 14 | 16, 18, .., 30 | 1, 3, .., 15 |
+// 17, .., 31, so x is laid out in that order once per call (x_order_32 above) instead of shuffling every weight
+// (the zero-extending loads replaced a broadcast + 4 vpshufb in session 9, same vectors: 1.1-1.3x in a one-core
+// harness). int8: the 32 bytes in order, 8 at a time zero-extended. About three vector operations per 8 values
+// (unpack, convert, FMA): on AVX2 machines this loop, not memory, is what bounds the int4 kernel, so it has no
+// other work in it.
 
 // Stored values k .. k+31 of a packed row (k a multiple of 32) as four float vectors, in x's kernel order.
 template <int BITS>
 inline void load32(const uint8_t* row, int64_t k, __m256 w[4]) {
   if constexpr (BITS == 4) {
-    const __m256i low_bytes = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,  //
-                                               4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i high_bytes = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,  //
-                                                12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-    const __m256i even = _mm256_and_si256(v, nibble), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    w[0] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(even, low_bytes));
-    w[1] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(even, high_bytes));
-    w[2] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, low_bytes));
-    w[3] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(odd, high_bytes));
+    // bytes 0-7 and 8-15 zero-extended to int32 lanes (each lane: one byte, two values); low nibbles are the even
+    // k, high nibbles the odd k
+    const __m256i nibble = _mm256_set1_epi32(0x0F);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, nibble));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, nibble));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
   } else {
     for (int i = 0; i < 4; ++i) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8 * i));
