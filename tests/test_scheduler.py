@@ -456,8 +456,9 @@ def test_bad_requests_raise_at_submit(setup):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("N,K", [(37, 64), (37, 100), (37, 1000), (301, 1030)])
 def test_gemv_rows_do_not_depend_on_the_batch(dtype, tol, N, K):
-    # one row and several take different paths (4 weight streams; panels of 512 values, 6 weight rows at a time):
-    # K = 1030 is two whole panels, a part panel and a scalar tail; N = 301 several threads' tasks and a part group
+    # one row and several take different paths (4 weight streams; from 8 rows panels of 128, 256 or 512 values by the
+    # number of rows, 6 weight rows at a time): K = 1030 is whole panels, a part panel and a scalar tail for each
+    # width (M = 8: 128, 13 and 33: 256 for float32, 64: 512); N = 301 several threads' tasks and a part group
     g = torch.Generator().manual_seed(K)
     x = torch.randn(64, K, generator=g).to(dtype)
     w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)

@@ -138,7 +138,7 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
 // kPanelMinRows rows of x or more, x in float32 (every weight dtype, except bfloat16 with vdpbf16ps, whose pairwise
 // order belongs to the tiles): each weight value is used M times, so the product is bound by the multiply-adds as
 // much as by the reads, and the tiles above, re-reading x from L2 for every two weight rows, leave the FMA units
-// mostly idle. Here K is cut into panels of kPanelK values; x is laid out once per call panel by panel
+// mostly idle. Here K is cut into panels of pk = panel_k(M, ...) values; x is laid out once per call panel by panel
 // (pack_x_panels: each panel's M row pieces contiguous, so they do not fall on the same L1 sets as rows K floats
 // apart do), and kPanelRows weight rows' panels, read in place, are multiplied by every group of kPanelTileRows x
 // rows while they sit in L1: 6 x 2 accumulators, 6 + 2 loads per 12 FMAs (bfloat16 / float16 weights widened in
@@ -153,36 +153,46 @@ void tile_all_rows(const XT* x, int64_t M, const T* w, int64_t ws, int64_t K, in
 // 64, and 1.39x at 8 and 16 rows at the 11B shapes; 4 x 3 tiles 0.85-0.9x of 6 x 2; prefetch 2-3 panels ahead 1.0x,
 // into L1 0.87-0.97x. bfloat16 weights on panels against the tiles: 1.17-1.33x at 8 rows, 1.02-1.17x at 16,
 // 1.0-1.06x at 32 (widening each panel into a buffer instead made 2-4 rows 0.8x and 16 rows even, session 7).
-// Panels at 2-4 rows measured 0.85-1.05x the tiles, hence from 8 rows; panels of 512 values ~8% faster than 256,
-// 1024 no better.
+// Panels at 2-4 rows measured 0.85-1.05x the tiles, hence from 8 rows; panels of 1024 values no better than 512.
 constexpr int kPanelRows = 6;
 constexpr int kPanelTileRows = 2;
-constexpr int64_t kPanelK = 512;
+constexpr int64_t kPanelKMax = 512;
 constexpr int64_t kPanelMinRows = 8;
 constexpr int64_t kTaskBytes = 256 * 1024;
 
-// Number of panels of the first K - K % V values (the vector part; the rest is the scalar tail).
-inline int64_t panel_count(int64_t K) { return (K - K % fVec::size() + kPanelK - 1) / kPanelK; }
-
-// xp [panel_count(K), M, kPanelK] <- x [M, K] (float32): panel p holds x[:, p * kPanelK, ...) of each row.
-inline void pack_x_panels(const float* x, int64_t M, int64_t K, float* xp) {
-  const int64_t Kv = K - K % fVec::size();
-  for (int64_t k0 = 0, p = 0; k0 < Kv; k0 += kPanelK, ++p)
-    for (int64_t r = 0; r < M; ++r)
-      std::copy(x + r * K + k0, x + r * K + std::min(Kv, k0 + kPanelK), xp + (p * M + r) * kPanelK);
+// Values per panel at M rows of x (weights of `bytes` per value): float32 weights 128 up to 12 rows, 256 up to
+// 48, 512 beyond; 16-bit weights (widened in the register, which bounds them) 256 up to 8 rows, else 512.
+// Measured on 2 Zen 3 cores, one decode step's products (the 450M checkpoint's shapes, weights streamed), the widths
+// alternated in one process: float32 at 8 rows 128 1.15x of 512 (256 1.09x), 12 rows 1.11x, 16-32 rows 256
+// 1.03-1.05x (128 1.00-1.04x), 48 rows 256 1.02x, 64 rows 512 best (256 0.98x, 128 0.93x); bfloat16 8 rows 256
+// 1.05x, 16-64 rows 512 within 1% of 256 and 2-4% ahead of 128.
+inline int64_t panel_k(int64_t M, int64_t bytes) {
+  if (bytes == 4) return M <= 12 ? 128 : M <= 48 ? 256 : kPanelKMax;
+  return M <= 8 ? 256 : kPanelKMax;
 }
 
-// acc[s * M + r] += w[s * ws, + kn) . x[r * kPanelK, + kn) lane by lane, for S weight rows (ws apart) and R rows
+// Number of panels of the first K - K % V values (the vector part; the rest is the scalar tail).
+inline int64_t panel_count(int64_t K, int64_t pk) { return (K - K % fVec::size() + pk - 1) / pk; }
+
+// xp [panel_count(K, pk), M, pk] <- x [M, K] (float32): panel p holds x[:, p * pk, ...) of each row.
+inline void pack_x_panels(const float* x, int64_t M, int64_t K, int64_t pk, float* xp) {
+  const int64_t Kv = K - K % fVec::size();
+  for (int64_t k0 = 0, p = 0; k0 < Kv; k0 += pk, ++p)
+    for (int64_t r = 0; r < M; ++r)
+      std::copy(x + r * K + k0, x + r * K + std::min(Kv, k0 + pk), xp + (p * M + r) * pk);
+}
+
+// acc[s * M + r] += w[s * ws, + kn) . x[r * pk, + kn) lane by lane, for S weight rows (ws apart) and R rows
 // of x, kn % V == 0.
 template <typename T, int S, int R>
-inline void panel_tile(const T* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc) {
+inline void panel_tile(const T* w, int64_t ws, const float* x, int64_t M, int64_t pk, int64_t kn, float* acc) {
   constexpr int64_t V = fVec::size();
   fVec a[S][R];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r) a[s][r] = fVec::loadu(acc + (s * M + r) * V);
   for (int64_t k = 0; k < kn; k += V) {
     fVec xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = fVec::loadu(x + r * kPanelK + k);
+    for (int r = 0; r < R; ++r) xv[r] = fVec::loadu(x + r * pk + k);
     for (int s = 0; s < S; ++s) {
       fVec wv = load1(w + s * ws + k);  // bfloat16 / float16 widened in the register
       in_register(wv);  // one load for its R uses, not one folded into each FMA (the loop would be load-bound)
@@ -195,35 +205,37 @@ inline void panel_tile(const T* w, int64_t ws, const float* x, int64_t M, int64_
 
 // panel_tile for the next min(left, R) rows of x.
 template <typename T, int S, int R>
-inline void panel_group(const T* w, int64_t ws, const float* x, int64_t M, int64_t kn, float* acc, int64_t left) {
+inline void panel_group(const T* w, int64_t ws, const float* x, int64_t M, int64_t pk, int64_t kn, float* acc,
+                        int64_t left) {
   if constexpr (R > 0) {
-    if (left >= R) panel_tile<T, S, R>(w, ws, x, M, kn, acc);
-    else panel_group<T, S, R - 1>(w, ws, x, M, kn, acc, left);
+    if (left >= R) panel_tile<T, S, R>(w, ws, x, M, pk, kn, acc);
+    else panel_group<T, S, R - 1>(w, ws, x, M, pk, kn, acc, left);
   }
 }
 
 // Output rows [n0, n0 + S) of y for all M rows of x (x [M, K], xp its panels), in a task ending at row n1.
 template <typename T, int S>
 void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
-                int64_t n0, int64_t n1, T* y) {
-  constexpr int64_t V = fVec::size(), line = 64 / sizeof(T), lines = kPanelK / line;  // line: elements per line
+                int64_t n0, int64_t n1, int64_t pk, T* y) {
+  constexpr int64_t V = fVec::size(), line = 64 / sizeof(T);  // line: elements per line
+  const int64_t lines = pk / line;
   constexpr int R = kPanelTileRows;
   const int64_t Kv = K - K % V;
   const int64_t groups = (M + R - 1) / R;
   __at_align__ float acc[S * kMaxRows * V];  // [S, M, V] running lane sums
   std::fill(acc, acc + S * M * V, 0.0f);
   const T* wr = w + n0 * ws;  // [S, ws] these weight rows
-  for (int64_t k0 = 0; k0 < Kv; k0 += kPanelK) {
-    const int64_t kn = std::min(kPanelK, Kv - k0);
-    const float* xk = xp + k0 / kPanelK * M * kPanelK;  // [M, kPanelK] this panel of x
+  for (int64_t k0 = 0; k0 < Kv; k0 += pk) {
+    const int64_t kn = std::min(pk, Kv - k0);
+    const float* xk = xp + k0 / pk * M * pk;  // [M, pk] this panel of x
     // the next panel: these rows' next, or after their last the first of the next rows of the task
-    const bool last = k0 + kPanelK >= Kv;
+    const bool last = k0 + pk >= Kv;
     const T* ahead[S];
-    for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr + s * ws + k0 + kPanelK;
+    for (int s = 0; s < S; ++s) ahead[s] = last ? w + std::min(n0 + S + s, n1 - 1) * ws : wr + s * ws + k0 + pk;
     for (int64_t r = 0, g = 0; r < M; r += R, ++g) {
       for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l)
         for (int s = 0; s < S; ++s) __builtin_prefetch(ahead[s] + l * line, 0, 2);
-      panel_group<T, S, R>(wr + k0, ws, xk + r * kPanelK, M, kn, acc + r * V, M - r);
+      panel_group<T, S, R>(wr + k0, ws, xk + r * pk, M, pk, kn, acc + r * V, M - r);
     }
   }
   for (int s = 0; s < S; ++s)
@@ -236,11 +248,11 @@ void panel_rows(const float* x, const float* xp, int64_t M, const T* w, int64_t 
 
 template <typename T, int S = kPanelRows>
 void panel_block(const float* x, const float* xp, int64_t M, const T* w, int64_t ws, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1, T* y) {
+                 int64_t n0, int64_t n1, int64_t pk, T* y) {
   int64_t n = n0;
-  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, n1, y);
+  for (; n + S <= n1; n += S) panel_rows<T, S>(x, xp, M, w, ws, K, N, n, n1, pk, y);
   if constexpr (S > 1) {
-    if (n < n1) panel_block<T, S - 1>(x, xp, M, w, ws, K, N, n, n1, y);
+    if (n < n1) panel_block<T, S - 1>(x, xp, M, w, ws, K, N, n, n1, pk, y);
   }
 }
 
@@ -306,14 +318,15 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
     T* yp = y.data_ptr<T>();
     if constexpr (std::is_same_v<XT, float>) {  // not vdpbf16ps: its pairwise order is the tiles' alone
       if (B >= kPanelMinRows) {
-        auto panels = at::empty({panel_count(K), B, kPanelK}, xw.options());  // x laid out panel by panel
+        const int64_t pk = panel_k(B, w.element_size());
+        auto panels = at::empty({panel_count(K, pk), B, pk}, xw.options());  // x laid out panel by panel
         const float* xpp = panels.data_ptr<float>();
-        pack_x_panels(xp, B, K, panels.data_ptr<float>());
+        pack_x_panels(xp, B, K, pk, panels.data_ptr<float>());
         // tasks of ~256 KiB of weights (whole row groups) for whichever thread is free: the batching engine's step
         // at 16 rows 7% faster than with at::parallel_for's even split (the two alternated in one process)
         const int64_t task = std::max<int64_t>(1, kTaskBytes / (K * w.element_size()) / kPanelRows) * kPanelRows;
         parallel_tasks(N, task, [&](int64_t n0, int64_t n1) {
-          panel_block(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, yp);
+          panel_block(xp, xpp, B, wp, w.stride(0), K, N, n0, n1, pk, yp);
         });
         return;
       }
