@@ -94,9 +94,10 @@ void rows_scalar(const QMat<SC>& a, const int64_t* n, int64_t m0) {
 
 constexpr int64_t kChunk32 = 32;  // values per step of the AVX2 loop
 
-// x [K] laid out for the int4 vector loop: per 32-value chunk, values 2e (e < 16) then 2e + 1.
-inline void x_order_32(const float* x, float* out, int64_t K) {
-  for (int64_t k = 0; k < K; ++k) out[qrows::even_odd_position(k, kChunk32)] = x[k];
+// x [K] (widened to float32) laid out for the int4 vector loop: per 32-value chunk, values 2e (e < 16) then 2e + 1.
+template <typename T>
+inline void x_order_32(const T* x, float* out, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) out[qrows::even_odd_position(k, kChunk32)] = static_cast<float>(x[k]);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -205,32 +206,43 @@ struct Rows {
   }
 };
 
-// x2 [M, K] float32 contiguous -> y [M, N] float32 through the decode kernels.
+// x2 [M, K] contiguous (any float dtype) -> out [M, N] (x2's dtype) through the decode kernels: x widened (exactly)
+// into the call's workspace as the row loops read it, y summed in float32 and rounded to out's dtype by each thread
+// for its columns (float32: written in out directly).
 template <typename SC>
 void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& scale, const int8_t* zero,
-            int64_t bits, int64_t gs, at::Tensor& y) {
+            int64_t bits, int64_t gs, at::Tensor& out) {
   const int64_t M = x2.size(0), K = x2.size(1), N = packed.size(0), G = K / gs;
-  at::Tensor xsum = at::empty({M, G}, x2.options());  // [M, G], summed in order (the same for every M)
-  float* xs = xsum.data_ptr<float>();
-  const float* xp = x2.data_ptr<float>();
-  for (int64_t i = 0; i < M * G; ++i) {
-    float t = 0.0f;
-    for (int64_t k = 0; k < gs; ++k) t += xp[i * gs + k];
-    xs[i] = t;
-  }
-  const float* xk = xp;  // x as the row loops read it
-  at::Tensor x_ordered;
-  if (bits == 4 && vector_path(gs)) {
-    x_ordered = at::empty({M, K}, x2.options());  // [M, K], each 32-value chunk even k first
-    for (int64_t m = 0; m < M; ++m) x_order_32(xp + m * K, x_ordered.data_ptr<float>() + m * K, K);
-    xk = x_ordered.data_ptr<float>();
-  }
+  using W = qrows::Workspace;
+  const bool direct = x2.scalar_type() == at::kFloat;
+  W ws(W::bytes<float>(M * G) + W::bytes<float>(M * K) + (direct ? 0 : W::bytes<float>(M * N)));
+  float* xs = ws.take<float>(M * G);  // [M, G], summed in order (the same for every M)
+  float* xk = ws.take<float>(M * K);  // [M, K] x as the row loops read it (int4, vector path: each 32-value chunk
+                                      // even k first)
+  float* y = direct ? out.data_ptr<float>() : ws.take<float>(M * N);  // [M, N]
+  const bool reorder = bits == 4 && vector_path(gs);
+  LLAMA_MM_DISPATCH_FLOAT_TYPES(x2.scalar_type(), "qlinear", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float t = 0.0f;
+      for (int64_t k = 0; k < gs; ++k) t += static_cast<float>(xp[i * gs + k]);
+      xs[i] = t;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      if (reorder) {
+        x_order_32(xp + m * K, xk + m * K, K);
+      } else {
+        for (int64_t k = 0; k < K; ++k) xk[m * K + k] = static_cast<float>(xp[m * K + k]);
+      }
+    }
+  });
   const QMat<SC> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
-                   scale.data_ptr<SC>(), zero, K, G, gs, N, xk, xs, y.data_ptr<float>()};
+                   scale.data_ptr<SC>(), zero, K, G, gs, N, xk, xs, y};
+  const auto after = [&](int64_t n0, int64_t n1) { qrows::round_columns(y, out, n0, n1); };
   if (bits == 4) {
-    qrows::parallel_walk(Rows<4, SC>{a}, M, N, a.row_bytes);
+    qrows::parallel_walk(Rows<4, SC>{a}, M, N, a.row_bytes, after);
   } else {
-    qrows::parallel_walk(Rows<8, SC>{a}, M, N, a.row_bytes);
+    qrows::parallel_walk(Rows<8, SC>{a}, M, N, a.row_bytes, after);
   }
 }
 
@@ -279,23 +291,29 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed_in, const at::T
                    const std::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
   check_qlinear_args(x, packed_in, scale_in, zero_in, bits, group_size, c10::DeviceType::CPU);
   const int64_t K = x.size(-1), N = packed_in.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
   const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
   const int8_t* zp = zero.defined() ? zero.data_ptr<int8_t>() : nullptr;
-  const int64_t M = x2.size(0);
-  at::Tensor y = at::empty({M, N}, x2.options());  // [M, N] float32
-  if (M > 0 && N > 0) {
-    LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear", [&] {
-      if (M <= kQlinearDecodeRows) {
-        decode<scalar_t>(x2, packed, scale, zp, bits, group_size, y);
-      } else {
-        prefill<scalar_t>(x2, packed, scale, zp, bits, group_size, y);
-      }
-    });
-  }
+  const int64_t M = x.numel() / K;
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
+  if (M <= kQlinearDecodeRows) {
+    const at::Tensor x2 = x.reshape({-1, K}).contiguous();  // [M, K] in x's dtype
+    at::Tensor out = at::empty({M, N}, x2.options());       // [M, N] in x's dtype
+    if (M > 0 && N > 0) {
+      LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear", [&] {
+        decode<scalar_t>(x2, packed, scale, zp, bits, group_size, out);
+      });
+    }
+    return out.view(out_sizes);
+  }
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  at::Tensor y = at::empty({M, N}, x2.options());                         // [M, N] float32
+  if (N > 0) {
+    LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear", [&] {
+      prefill<scalar_t>(x2, packed, scale, zp, bits, group_size, y);
+    });
+  }
   return y.to(x.scalar_type()).view(out_sizes);
 }
 

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -135,14 +136,22 @@ inline float quantize_block(const float* xb, int8_t* q) {
 #endif
 }
 
-// One row of x [K] (K a multiple of 32) -> d [K/32], xsum [G], xq [K]: natural order, or (int4 on the vector
-// path) per chunk of `chunk` values the even positions first, then the odd ones.
-void quantize_row(const float* x, int64_t K, int64_t gs, int64_t chunk, int8_t* xq, float* d, float* xsum) {
+// One row of x [K] (K a multiple of 32, any float dtype: each block widened to float32 first, exactly) -> d [K/32],
+// xsum [G], xq [K]: natural order, or (int4 on the vector path) per chunk of `chunk` values the even positions
+// first, then the odd ones.
+template <typename T>
+void quantize_row(const T* x, int64_t K, int64_t gs, int64_t chunk, int8_t* xq, float* d, float* xsum) {
   int8_t q[kB];
+  float xf[kB];
   int64_t g = 0;
   float gsum = 0.0f;
   for (int64_t b = 0; b < K / kB; ++b) {
-    const float db = quantize_block(x + b * kB, q);
+    const float* xb = reinterpret_cast<const float*>(x + b * kB);
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < kB; ++i) xf[i] = static_cast<float>(x[b * kB + i]);
+      xb = xf;
+    }
+    const float db = quantize_block(xb, q);
     d[b] = db;
     // the block's share of each group's xsum, split where a group ends inside the block
     for (int64_t i0 = 0; i0 < kB;) {
@@ -301,9 +310,9 @@ struct Rows {
   }
 };
 
-template <int BITS, int STEP, typename SC>
-void run(const A8Args<SC>& a, int64_t M) {
-  qrows::parallel_walk(Rows<BITS, STEP, SC>{a}, M, a.N, a.row_bytes);
+template <int BITS, int STEP, typename SC, typename After>
+void run(const A8Args<SC>& a, int64_t M, const After& after) {
+  qrows::parallel_walk(Rows<BITS, STEP, SC>{a}, M, a.N, a.row_bytes, after);
 }
 
 }  // namespace
@@ -315,49 +324,59 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& packed_in, const at
   TORCH_CHECK(K % kB == 0, "llama_mm.qlinear_a8: K = ", K, " must be a multiple of ", kB,
               " (activations are quantized per block of ", kB, " values)");
   if (x.numel() / K > kQlinearDecodeRows) return qlinear(x, packed_in, scale_in, zero_in, bits, group_size);
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();  // [M, K] in x's dtype (quantized from it directly)
   const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
   const int64_t M = x2.size(0), step = vector_step(bits, group_size);
-  at::Tensor y = at::empty({M, N}, x2.options());  // [M, N] float32
+  at::Tensor out = at::empty({M, N}, x2.options());  // [M, N] in x's dtype
   if (M > 0 && N > 0) {
-    at::Tensor xq = at::empty({M, K}, x2.options().dtype(at::kChar));  // [M, K] kernel order
-    at::Tensor d = at::empty({M, K / kB}, x2.options());               // [M, K / 32]
-    at::Tensor xsum = at::empty({M, G}, x2.options());                 // [M, G]
-    at::Tensor dsteps = at::empty({M, step ? K / step * 8 : 0}, x2.options());  // [M, K / step, 8]
+    // the call's buffers in one allocation; y in float32 (rounded to x's dtype by each thread for its columns, or
+    // out itself when x is float32)
+    using W = qrows::Workspace;
+    const bool direct = x2.scalar_type() == at::kFloat;
+    const int64_t lanes_per_row = step ? K / step * 8 : 0;
+    W ws(W::bytes<int8_t>(M * K) + W::bytes<float>(M * (K / kB)) + W::bytes<float>(M * G) +
+         W::bytes<float>(M * lanes_per_row) + (direct ? 0 : W::bytes<float>(M * N)));
+    int8_t* xq = ws.take<int8_t>(M * K);                // [M, K] kernel order
+    float* d = ws.take<float>(M * (K / kB));             // [M, K / 32]
+    float* xsum = ws.take<float>(M * G);                 // [M, G]
+    float* dsteps = ws.take<float>(M * lanes_per_row);   // [M, K / step, 8]
+    float* y = direct ? out.data_ptr<float>() : ws.take<float>(M * N);  // [M, N]
     const int64_t chunk = bits == 4 ? step : 0;  // int4's vector loop reads x even k first per step
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        float* dm = d.data_ptr<float>() + m * (K / kB);
-        quantize_row(x2.data_ptr<float>() + m * K, K, group_size, chunk, xq.data_ptr<int8_t>() + m * K, dm,
-                     xsum.data_ptr<float>() + m * G);
-        // lane l of step j multiplies block j * blocks + l * blocks / 8 (two blocks per step: lanes 0-3, 4-7)
-        float* lanes = dsteps.data_ptr<float>() + m * dsteps.size(1);
-        const int64_t blocks = step / kB;
-        for (int64_t i = 0; i < dsteps.size(1); ++i) lanes[i] = dm[(i / 8) * blocks + (i % 8) * blocks / 8];
-      }
+    LLAMA_MM_DISPATCH_FLOAT_TYPES(x2.scalar_type(), "qlinear_a8", [&] {
+      const scalar_t* xp = x2.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          float* dm = d + m * (K / kB);
+          quantize_row(xp + m * K, K, group_size, chunk, xq + m * K, dm, xsum + m * G);
+          // lane l of step j multiplies block j * blocks + l * blocks / 8 (two blocks per step: lanes 0-3, 4-7)
+          float* lanes = dsteps + m * lanes_per_row;
+          const int64_t blocks = step / kB;
+          for (int64_t i = 0; i < lanes_per_row; ++i) lanes[i] = dm[(i / 8) * blocks + (i % 8) * blocks / 8];
+        }
+      });
     });
+    const auto after = [&](int64_t n0, int64_t n1) { qrows::round_columns(y, out, n0, n1); };
     LLAMA_MM_DISPATCH_FLOAT_TYPES(scale.scalar_type(), "qlinear_a8", [&] {
       const A8Args<scalar_t> a{reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>()), packed.size(1) * 4,
                                scale.data_ptr<scalar_t>(), zero.defined() ? zero.data_ptr<int8_t>() : nullptr,
-                               K, G, group_size, N, xq.data_ptr<int8_t>(), d.data_ptr<float>(),
-                               dsteps.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>()};
+                               K, G, group_size, N, xq, d, dsteps, xsum, y};
       if (bits == 4 && step == 64) {
-        run<4, 64>(a, M);
+        run<4, 64>(a, M, after);
       } else if (bits == 4 && step == 32) {
-        run<4, 32>(a, M);
+        run<4, 32>(a, M, after);
       } else if (bits == 4) {
-        run<4, 0>(a, M);
+        run<4, 0>(a, M, after);
       } else if (step == 32) {
-        run<8, 32>(a, M);
+        run<8, 32>(a, M, after);
       } else {
-        run<8, 0>(a, M);
+        run<8, 0>(a, M, after);
       }
     });
   }
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
-  return y.to(x.scalar_type()).view(out_sizes);
+  return out.view(out_sizes);
 }
 
 }  // namespace llama_mm::cpu

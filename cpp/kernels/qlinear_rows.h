@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -49,11 +50,58 @@ void walk(const Rows& rows, int64_t M, int64_t n0, int64_t n1) {
   for (int64_t n = n0 + kStreams * part; n < n1; ++n) all_rows(rows, n, M);
 }
 
-// walk() over all N weight rows, threads taking contiguous blocks of at least ~64 KiB of weights.
-template <typename Rows>
-void parallel_walk(const Rows& rows, int64_t M, int64_t N, int64_t row_bytes) {
+// walk() over all N weight rows, threads taking contiguous blocks of at least ~64 KiB of weights; each thread then
+// calls after(n0, n1) on its block (e.g. to round its columns of y to the output dtype while they are in cache).
+template <typename Rows, typename After>
+void parallel_walk(const Rows& rows, int64_t M, int64_t N, int64_t row_bytes, const After& after) {
   const int64_t grain = std::max<int64_t>(1, 64 * 1024 / row_bytes);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { walk(rows, M, n0, n1); });
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    walk(rows, M, n0, n1);
+    after(n0, n1);
+  });
+}
+
+// The per-call buffers of a decode kernel carved out of one allocation (one allocator call instead of one per
+// buffer: at a few microseconds of work per small layer, each call shows), every piece 64-byte aligned.
+class Workspace {
+ public:
+  explicit Workspace(int64_t bytes) : buf_(at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte))) {
+    next_ = reinterpret_cast<uintptr_t>(buf_.data_ptr<uint8_t>());
+  }
+  // Bytes a take<T>(n) needs, for sizing the workspace.
+  template <typename T>
+  static constexpr int64_t bytes(int64_t n) { return (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64; }
+  template <typename T>
+  T* take(int64_t n) {
+    next_ = (next_ + 63) / 64 * 64;
+    T* p = reinterpret_cast<T*>(next_);
+    next_ += static_cast<uintptr_t>(n) * sizeof(T);
+    TORCH_INTERNAL_ASSERT(next_ <= reinterpret_cast<uintptr_t>(buf_.data_ptr<uint8_t>()) + buf_.numel(),
+                          "qrows::Workspace overrun");
+    return p;
+  }
+
+ private:
+  at::Tensor buf_;
+  uintptr_t next_;
+};
+
+// out[m, n] = y[m, n] rounded to out's dtype (float32, bfloat16 or float16; out [M, N] contiguous) for the columns
+// [n0, n1): nothing to do when out is y itself.
+inline void round_columns(const float* y, const at::Tensor& out, int64_t n0, int64_t n1) {
+  const int64_t M = out.size(0), N = out.size(1);
+  auto copy = [&](auto* o) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) o[m * N + n] = static_cast<std::remove_pointer_t<decltype(o)>>(y[m * N + n]);
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      if (out.data_ptr<float>() != y) copy(out.data_ptr<float>());
+      break;
+    case at::kBFloat16: copy(out.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: copy(out.data_ptr<at::Half>()); break;
+    default: TORCH_INTERNAL_ASSERT(false, "round_columns: ", out.scalar_type());
+  }
 }
 
 // Where value k of x goes when x is laid out, per chunk of `chunk` values (an even number), even positions first
