@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -131,6 +132,55 @@ inline void scores_block(const float* q, const float* k, int64_t ks, int64_t n, 
   }
 }
 
+// scores[g * kBlock + j] = (q_g . k_j) * scale (+ mask_add[j]) for 4 heads g (q rows qs floats apart, D = NV * V)
+// and n rows k_j = k + j * ks of T, widened in registers: each key vector is read once for the 4 heads (the heads' q
+// read from L1), two keys at a time, no widened copy of the block. Per (head, key) the same operations in the same
+// order as dot_rows_fixed (q[0] k[0], then fmadd over the vectors in order, 8 keys' lanes summed by reduce_lanes),
+// so the scores are bit for bit those of scores_block; a last part group of fewer than V keys goes through it.
+template <int NV, typename T>
+inline void scores_4heads(const float* q, int64_t qs, const T* k, int64_t ks, int64_t n, float scale,
+                          const float* mask_add, float* scores) {
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    fVec part[4][V];
+    for (int64_t jj = 0; jj < V; jj += 2) {  // two keys: 8 independent chains of FMAs
+      const T* k0 = k + (j + jj) * ks;
+      const T* k1 = k0 + ks;
+      fVec a0[4], a1[4];
+      {
+        const fVec x0 = load1(k0), x1 = load1(k1);
+        for (int g = 0; g < 4; ++g) {
+          const fVec qv = fVec::loadu(q + g * qs);
+          a0[g] = qv * x0;
+          a1[g] = qv * x1;
+        }
+      }
+      for (int i = 1; i < NV; ++i) {
+        const fVec x0 = load1(k0 + i * V), x1 = load1(k1 + i * V);
+        for (int g = 0; g < 4; ++g) {
+          const fVec qv = fVec::loadu(q + g * qs + i * V);
+          a0[g] = at::vec::fmadd(qv, x0, a0[g]);
+          a1[g] = at::vec::fmadd(qv, x1, a1[g]);
+        }
+      }
+      for (int g = 0; g < 4; ++g) part[g][jj] = a0[g], part[g][jj + 1] = a1[g];
+    }
+    for (int g = 0; g < 4; ++g) {
+      fVec sc = reduce_lanes(part[g]) * fVec(scale);
+      if (mask_add) sc = sc + fVec::loadu(mask_add + j);
+      sc.store(scores + g * kBlock + j);
+    }
+  }
+  if (j < n) {
+    float kf[V * NV * V];  // the last part group widened (at most V - 1 rows of D floats)
+    int64_t kfs;
+    const float* kp = rows_as_float(k + j * ks, ks, n - j, NV * V, kf, kfs);
+    for (int g = 0; g < 4; ++g)
+      scores_block<NV>(q + g * qs, kp, kfs, n - j, NV * V, scale, mask_add ? mask_add + j : nullptr,
+                       scores + g * kBlock + j);
+  }
+}
+
 #if defined(__AVX512BF16__)
 // Scores straight from bfloat16 keys, D = NV * V: vdpbf16ps multiplies pairs of bfloat16 (products exact in
 // float32) into float32 lanes. q is bfloat16 itself, so only the order of the float32 sums differs from widening
@@ -191,27 +241,32 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 }
 
 // acc[g, 0, D) += sum_j p[g, j] * v_j for 4 heads g at once (p rows p_stride apart, acc rows D apart), n rows
-// v_j = v + j * vs of T widened in registers, D a multiple of 4 * V: every V row is read once for the 4 heads and
-// the 16 accumulators of a 4 * V column chunk stay in registers.
+// v_j = v + j * vs of T widened in registers, D a multiple of C * V, C = kSumChunk<T> vectors per pass: every V row
+// is read once for the 4 heads and the 4 * C accumulators of a column chunk stay in registers. 16-bit values take
+// C = 2 (8 accumulators, the 2 widened vectors and a broadcast p fit AVX2's 16 registers; with 4: 1.2-1.3x slower
+// cross-attention in bfloat16 together with scores_4heads), float32 C = 4 (the rows are FMA operands in memory;
+// 2 measured 3% slower). Each lane's sum runs over j in order, as in weighted_sum.
+template <typename T>
+constexpr int kSumChunk = std::is_same_v<T, float> ? 4 : 2;
+
 template <typename T>
 inline void weighted_sum_4heads(const float* p, int64_t p_stride, const T* v, int64_t vs, int64_t n, int64_t D, float* acc) {
-  for (int64_t d = 0; d < D; d += 4 * V) {
-    fVec a[4][4];
+  constexpr int C = kSumChunk<T>;
+  for (int64_t d = 0; d < D; d += C * V) {
+    fVec a[4][C];
     for (int g = 0; g < 4; ++g)
-      for (int i = 0; i < 4; ++i) a[g][i] = fVec::loadu(acc + g * D + d + i * V);
+      for (int i = 0; i < C; ++i) a[g][i] = fVec::loadu(acc + g * D + d + i * V);
     for (int64_t j = 0; j < n; ++j) {
       const T* vj = v + j * vs + d;
-      const fVec v0 = load1(vj), v1 = load1(vj + V), v2 = load1(vj + 2 * V), v3 = load1(vj + 3 * V);
+      fVec vv[C];
+      for (int i = 0; i < C; ++i) vv[i] = load1(vj + i * V);
       for (int g = 0; g < 4; ++g) {
         const fVec pj(p[g * p_stride + j]);
-        a[g][0] = at::vec::fmadd(pj, v0, a[g][0]);
-        a[g][1] = at::vec::fmadd(pj, v1, a[g][1]);
-        a[g][2] = at::vec::fmadd(pj, v2, a[g][2]);
-        a[g][3] = at::vec::fmadd(pj, v3, a[g][3]);
+        for (int i = 0; i < C; ++i) a[g][i] = at::vec::fmadd(pj, vv[i], a[g][i]);
       }
     }
     for (int g = 0; g < 4; ++g)
-      for (int i = 0; i < 4; ++i) a[g][i].store(acc + g * D + d + i * V);
+      for (int i = 0; i < C; ++i) a[g][i].store(acc + g * D + d + i * V);
   }
 }
 
@@ -323,6 +378,20 @@ void attend(const at::Tensor& q, int64_t Hkv, const Keys& keys, const float* mas
           }
         }
 #endif
+        if (!std::is_same_v<T, float> && !done && G % 4 == 0 && (D == 4 * V || D == 8 * V || D == 16 * V)) {
+          for (int64_t g = 0; g < G; g += 4) {
+            float* sg = scores.data() + g * kBlock;
+            const float* qg = qf.data() + g * Dp;
+            if (D == 4 * V) {
+              scores_4heads<4>(qg, Dp, r.k, kss, n, scale, mask, sg);
+            } else if (D == 8 * V) {
+              scores_4heads<8>(qg, Dp, r.k, kss, n, scale, mask, sg);
+            } else {
+              scores_4heads<16>(qg, Dp, r.k, kss, n, scale, mask, sg);
+            }
+          }
+          done = true;
+        }
         if (!done) {
           int64_t ks;
           const float* kf = rows_as_float(r.k, kss, n, D, block.data(), ks);
@@ -342,7 +411,7 @@ void attend(const at::Tensor& q, int64_t Hkv, const Keys& keys, const float* mas
         for (int64_t g = 0; g < G; ++g)
           online_softmax_block(scores.data() + g * kBlock, n, m[g], l[g], acc.data() + g * D, D);
         // acc_g += sum_j p[g, j] v_j
-        if (G % 4 == 0 && D % (4 * V) == 0) {
+        if (G % 4 == 0 && D % (kSumChunk<T> * V) == 0) {
           for (int64_t g = 0; g < G; g += 4)
             weighted_sum_4heads(scores.data() + g * kBlock, kBlock, r.v, vss, n, D, acc.data() + g * D);
         } else {
