@@ -146,10 +146,11 @@ void quantize_row(const T* x, int64_t K, int64_t gs, int64_t chunk, int8_t* xq, 
   int64_t g = 0;
   float gsum = 0.0f;
   for (int64_t b = 0; b < K / kB; ++b) {
-    const float* xb = reinterpret_cast<const float*>(x + b * kB);
-    if constexpr (!std::is_same_v<T, float>) {
+    const float* xb = xf;
+    if constexpr (std::is_same_v<T, float>) {
+      xb = x + b * kB;
+    } else {
       for (int64_t i = 0; i < kB; ++i) xf[i] = static_cast<float>(x[b * kB + i]);
-      xb = xf;
     }
     const float db = quantize_block(xb, q);
     d[b] = db;
