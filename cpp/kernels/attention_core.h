@@ -243,9 +243,9 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 // acc[g, 0, D) += sum_j p[g, j] * v_j for 4 heads g at once (p rows p_stride apart, acc rows D apart), n rows
 // v_j = v + j * vs of T widened in registers, D a multiple of C * V, C = kSumChunk<T> vectors per pass: every V row
 // is read once for the 4 heads and the 4 * C accumulators of a column chunk stay in registers. 16-bit values take
-// C = 2 (8 accumulators, the 2 widened vectors and a broadcast p fit AVX2's 16 registers; with 4: 1.2-1.3x slower
-// cross-attention in bfloat16 together with scores_4heads), float32 C = 4 (the rows are FMA operands in memory;
-// 2 measured 3% slower). Each lane's sum runs over j in order, as in weighted_sum.
+// C = 2 (8 accumulators, the 2 widened vectors and a broadcast p fit AVX2's 16 registers, where 4 spilled; with
+// scores_4heads, cross-attention over bfloat16 keys 1.2-1.3x faster than 4 and the widened block copy), float32
+// C = 4 (the rows are FMA operands in memory; 2 measured 3% slower). Each lane's sum runs over j in order, as in weighted_sum.
 template <typename T>
 constexpr int kSumChunk = std::is_same_v<T, float> ? 4 : 2;
 
