@@ -378,19 +378,21 @@ void attend(const at::Tensor& q, int64_t Hkv, const Keys& keys, const float* mas
           }
         }
 #endif
-        if (!std::is_same_v<T, float> && !done && G % 4 == 0 && (D == 4 * V || D == 8 * V || D == 16 * V)) {
-          for (int64_t g = 0; g < G; g += 4) {
-            float* sg = scores.data() + g * kBlock;
-            const float* qg = qf.data() + g * Dp;
-            if (D == 4 * V) {
-              scores_4heads<4>(qg, Dp, r.k, kss, n, scale, mask, sg);
-            } else if (D == 8 * V) {
-              scores_4heads<8>(qg, Dp, r.k, kss, n, scale, mask, sg);
-            } else {
-              scores_4heads<16>(qg, Dp, r.k, kss, n, scale, mask, sg);
+        if constexpr (!std::is_same_v<T, float>) {  // float32 keys are read in place below, q held in registers
+          if (!done && G % 4 == 0 && (D == 4 * V || D == 8 * V || D == 16 * V)) {
+            for (int64_t g = 0; g < G; g += 4) {
+              float* sg = scores.data() + g * kBlock;
+              const float* qg = qf.data() + g * Dp;
+              if (D == 4 * V) {
+                scores_4heads<4>(qg, Dp, r.k, kss, n, scale, mask, sg);
+              } else if (D == 8 * V) {
+                scores_4heads<8>(qg, Dp, r.k, kss, n, scale, mask, sg);
+              } else {
+                scores_4heads<16>(qg, Dp, r.k, kss, n, scale, mask, sg);
+              }
             }
+            done = true;
           }
-          done = true;
         }
         if (!done) {
           int64_t ks;

@@ -215,12 +215,13 @@ void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& sc
   const int64_t M = x2.size(0), K = x2.size(1), N = packed.size(0), G = K / gs;
   using W = qrows::Workspace;
   const bool direct = x2.scalar_type() == at::kFloat;
-  W ws(W::bytes<float>(M * G) + W::bytes<float>(M * K) + (direct ? 0 : W::bytes<float>(M * N)));
+  const bool reorder = bits == 4 && vector_path(gs);  // int4, vector path: each 32-value chunk even k first
+  const bool copy_x = reorder || !direct;             // else the row loops read x2 itself
+  W ws(W::bytes<float>(M * G) + (copy_x ? W::bytes<float>(M * K) : 0) + (direct ? 0 : W::bytes<float>(M * N)));
   float* xs = ws.take<float>(M * G);  // [M, G], summed in order (the same for every M)
-  float* xk = ws.take<float>(M * K);  // [M, K] x as the row loops read it (int4, vector path: each 32-value chunk
-                                      // even k first)
+  float* xw = copy_x ? ws.take<float>(M * K) : nullptr;    // [M, K] x widened / reordered
+  const float* xk = copy_x ? xw : x2.data_ptr<float>();  // [M, K] x as the row loops read it
   float* y = direct ? out.data_ptr<float>() : ws.take<float>(M * N);  // [M, N]
-  const bool reorder = bits == 4 && vector_path(gs);
   LLAMA_MM_DISPATCH_FLOAT_TYPES(x2.scalar_type(), "qlinear", [&] {
     const scalar_t* xp = x2.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * G; ++i) {
@@ -228,11 +229,12 @@ void decode(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& sc
       for (int64_t k = 0; k < gs; ++k) t += static_cast<float>(xp[i * gs + k]);
       xs[i] = t;
     }
+    if (!copy_x) return;
     for (int64_t m = 0; m < M; ++m) {
       if (reorder) {
-        x_order_32(xp + m * K, xk + m * K, K);
+        x_order_32(xp + m * K, xw + m * K, K);
       } else {
-        for (int64_t k = 0; k < K; ++k) xk[m * K + k] = static_cast<float>(xp[m * K + k]);
+        for (int64_t k = 0; k < K; ++k) xw[m * K + k] = static_cast<float>(xp[m * K + k]);
       }
     }
   });

@@ -7,7 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
+
+#include "op_common.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -90,18 +91,12 @@ class Workspace {
 // [n0, n1): nothing to do when out is y itself.
 inline void round_columns(const float* y, const at::Tensor& out, int64_t n0, int64_t n1) {
   const int64_t M = out.size(0), N = out.size(1);
-  auto copy = [&](auto* o) {
+  LLAMA_MM_DISPATCH_FLOAT_TYPES(out.scalar_type(), "round_columns", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (static_cast<const void*>(o) == static_cast<const void*>(y)) return;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) o[m * N + n] = static_cast<std::remove_pointer_t<decltype(o)>>(y[m * N + n]);
-  };
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      if (out.data_ptr<float>() != y) copy(out.data_ptr<float>());
-      break;
-    case at::kBFloat16: copy(out.data_ptr<at::BFloat16>()); break;
-    case at::kHalf: copy(out.data_ptr<at::Half>()); break;
-    default: TORCH_INTERNAL_ASSERT(false, "round_columns: ", out.scalar_type());
-  }
+      for (int64_t n = n0; n < n1; ++n) o[m * N + n] = static_cast<scalar_t>(y[m * N + n]);
+  });
 }
 
 // Where value k of x goes when x is laid out, per chunk of `chunk` values (an even number), even positions first
