@@ -86,18 +86,27 @@ class HFStreamer:
         pass
 
 
-def best_of_alternating(runs: dict, repeats: int) -> dict:
-    """runs: name -> callable(Clock). Runs them in turn `repeats` times (plus a warm-up) so all see the same load;
-    best time to first token and best decode time per token of each."""
-    best = {name: [float("inf"), float("inf")] for name in runs}
+def alternating_rounds(runs: dict, repeats: int, before=None) -> list[dict]:
+    """runs: name -> callable(Clock). Runs them in turn, a warm-up round then `repeats` timed rounds, so all see the
+    same load; before() (if given) runs right before each timed run and its value is kept with it (e.g. the read
+    bandwidth at that moment). One dict per timed round: name -> (time to first token, decode s/token, before())."""
+    rounds = []
     for r in range(repeats + 1):
+        row = {}
         for name, run in runs.items():
+            value = before() if before is not None and r else None
             clock = Clock()
             run(clock)
-            ttft, per_token = clock.result()
-            if r:  # the first round warms up
-                best[name] = [min(best[name][0], ttft), min(best[name][1], per_token)]
-    return best
+            row[name] = (*clock.result(), value)
+        if r:  # the first round warms up
+            rounds.append(row)
+    return rounds
+
+
+def best_of_alternating(runs: dict, repeats: int) -> dict:
+    """Best time to first token and best decode time per token of each run over alternating_rounds."""
+    rounds = alternating_rounds(runs, repeats)
+    return {name: [min(r[name][0] for r in rounds), min(r[name][1] for r in rounds)] for name in runs}
 
 
 def decode_bytes(model, vision_tokens: int, context: int) -> int:
