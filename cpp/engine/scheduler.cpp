@@ -144,7 +144,8 @@ bool Scheduler::grow(size_t j, int64_t tokens) {
 }
 
 // Prompt tokens [length, length + n) of one request (B = 1): their K/V into its blocks, attention over all its
-// tokens so far (causal), and at the prompt's end the first token.
+// tokens so far (causal), and at the prompt's end its last row's hidden state (step() takes its logits together
+// with the decode rows': one read of lm_head for all).
 at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
   const auto dev = w_->device();
   const auto opts = w_->options();
@@ -215,10 +216,10 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
     s.need -= s.image_blocks - image_blocks;
     s.image_blocks = image_blocks;
   }
-  return w_->logits(x.select(1, n - 1));  // (1, V)
+  return x.select(1, n - 1);  // (1, C)
 }
 
-// One decode step for `rows` (each has a sampled token to feed): logits [B, V].
+// One decode step for `rows` (each has a sampled token to feed): their hidden states [B, C].
 at::Tensor Scheduler::decode(const std::vector<Sequence*>& rows) {
   const auto dev = w_->device();
   const int64_t B = static_cast<int64_t>(rows.size()), H = w_->cfg.num_heads, Hkv = w_->cfg.num_kv_heads,
@@ -277,7 +278,7 @@ at::Tensor Scheduler::decode(const std::vector<Sequence*>& rows) {
     }
   }
   for (auto* s : rows) ++s->length;
-  return w_->logits(x.select(1, 0));  // (B, V)
+  return x.select(1, 0);  // (B, C)
 }
 
 // The next token of `s` from its logits [1, V]: the token event, and the finish event when it ends the request.
@@ -373,7 +374,8 @@ std::vector<BatchEvent> Scheduler::step() {
   // (a) prefill: whole chunks of [k * prefill_chunk, (k + 1) * prefill_chunk) of each prompt, in admission order,
   // at most prefill_chunk tokens in all (at least one chunk)
   int64_t budget = cfg_.prefill_chunk;
-  std::vector<Sequence*> decoding;
+  std::vector<Sequence*> decoding, prompt_done;  // prompt_done: the prompts that end in this step's prefill
+  std::vector<at::Tensor> last_rows;             // theirs, [1, C] each
   waiting_for_blocks_ = 0;
   for (size_t j = 0; j < active_.size(); ++j) {
     Sequence& s = *active_[j];
@@ -385,19 +387,27 @@ std::vector<BatchEvent> Scheduler::step() {
         continue;
       }
       budget -= n;
-      auto logits = prefill_chunk(s, n);
-      if (logits.defined()) sample(s, logits, events);
+      auto last = prefill_chunk(s, n);
+      if (last.defined()) {
+        prompt_done.push_back(&s);
+        last_rows.push_back(last);
+      }
     } else if (grow(j, s.length + 1)) {
       decoding.push_back(&s);
     } else {  // waits this step for a block (see safe_with)
       ++waiting_for_blocks_;
     }
   }
-  remove_finished();
-  // (b) one decode step for the requests that were running before this step
-  if (!decoding.empty()) {
-    auto logits = decode(decoding);  // (B, V)
-    for (size_t b = 0; b < decoding.size(); ++b) sample(*decoding[b], logits.narrow(0, b, 1), events);
+  // (b) one decode step for the requests that were running before this step, then the logits of its rows and of
+  // the prompts just ended in one product (lm_head is the largest weight: read once, not once more per new request)
+  std::vector<at::Tensor> hidden;
+  if (!decoding.empty()) hidden.push_back(decode(decoding));  // (B, C)
+  hidden.insert(hidden.end(), last_rows.begin(), last_rows.end());
+  std::vector<Sequence*> rows = decoding;  // the rows of `hidden`
+  rows.insert(rows.end(), prompt_done.begin(), prompt_done.end());
+  if (!rows.empty()) {
+    auto logits = w_->logits(at::cat(hidden, 0));  // (rows, V)
+    for (size_t b = 0; b < rows.size(); ++b) sample(*rows[b], logits.narrow(0, b, 1), events);
     remove_finished();
   }
   return events;

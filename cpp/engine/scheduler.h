@@ -1,10 +1,12 @@
 // Continuous batching: requests join and leave between steps; one step runs the prefill work of admitted requests
 // (chunked, each request on its own) and then one decode step for every running request together (every weight
-// read once for all rows, paged self-attention, per-request cross-attention and sampling).
+// read once for all rows, paged self-attention, per-request cross-attention and sampling). The logits of the
+// requests whose prompt ended in this step's prefill come from the same lm_head product as the decode rows'.
 //
 // Batch invariance: a request's tokens do not depend on the other requests. Its prefill runs alone (B = 1) in
-// chunks whose boundaries depend on its own prompt and prefill_chunk only; every op of the decode step computes a
-// row from that row's inputs in a fixed order (gemv, paged_attention, cross_attention, rms_norm, rope, silu_mul).
+// chunks whose boundaries depend on its own prompt and prefill_chunk only; every op of the decode step, and the
+// final norm and lm_head its prompt's last row shares with the decode rows, computes a row from that row's inputs
+// in a fixed order (gemv, qlinear, paged_attention, cross_attention, rms_norm, rope, silu_mul).
 //
 // Memory: a request is admitted, and takes KV blocks as its tokens arrive, only while the state stays safe (banker's
 // rule, Scheduler::safe_with): a request that would leave an older one unable to finish waits a step instead, so
@@ -85,8 +87,8 @@ class Scheduler {
  private:
   struct Sequence;
   void admit();
-  at::Tensor prefill_chunk(Sequence& s, int64_t n);  // logits [1, V] at the prompt's end, else undefined
-  at::Tensor decode(const std::vector<Sequence*>& rows);  // logits [B, V]
+  at::Tensor prefill_chunk(Sequence& s, int64_t n);  // hidden state [1, C] at the prompt's end, else undefined
+  at::Tensor decode(const std::vector<Sequence*>& rows);  // hidden states [B, C] (before the final norm)
   void sample(Sequence& s, const at::Tensor& logits, std::vector<BatchEvent>& events);
   bool safe_with(size_t j, int64_t k, int64_t need_new) const;  // see scheduler.cpp
   // Blocks for `tokens` tokens of active_[j] when safe_with allows them; false (nothing taken): it waits this step.
