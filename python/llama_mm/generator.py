@@ -24,6 +24,7 @@ import jinja2
 import torch
 
 from . import image_cache
+from .detokenize import AnswerText, cut_at_stops
 from .engine import Engine
 from .model import load_model
 from .sampling import SamplingParams
@@ -197,22 +198,24 @@ class Generator:
             kept.append(i)
         return self.processor.decode(kept, skip_special_tokens=True)
 
+    def _answer_text(self, stop) -> AnswerText:
+        """The text of one answer as its tokens arrive (this checkpoint's end ids and pad end it)."""
+        return AnswerText(self.processor.decode, set(self.stop_ids) | {self.pad_id}, stop)
+
     def _finish(self, ids, stop) -> str:
         return cut_at_stops(self._decode(ids), stop)[0]
 
     def _stream(self, inputs, max_new_tokens, stop, sampling) -> Iterator[str]:
         pieces: queue.Queue = queue.Queue()
         done = object()
-        generated: list[int] = []
-        emitted = [""]
+        answer = self._answer_text(stop)
+        emitted = [0]  # characters of answer.text yielded
         error: list[BaseException] = []
 
         def on_tokens(ids):
-            generated.append(int(ids[0]))
-            text = self._finish(generated, stop)
-            if not text.endswith("\ufffd") and len(text) > len(emitted[0]):  # whole UTF-8 characters only
-                pieces.put(text[len(emitted[0]):])
-                emitted[0] = text
+            if answer.add(int(ids[0])) and len(answer.text) > emitted[0]:  # whole UTF-8 characters only
+                pieces.put(answer.text[emitted[0]:])
+                emitted[0] = len(answer.text)
             return False
 
         def run():
@@ -230,28 +233,15 @@ class Generator:
             raise error[0]
 
 
-def cut_at_stops(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
-    """The text up to the first occurrence of each stop string in turn, and whether any occurred."""
-    hit = False
-    for s in stops or ():
-        cut = text.find(s)
-        if cut >= 0:
-            text, hit = text[:cut], True
-    return text, hit
-
-
 def _stop_string_callback(gen: Generator, B: int, stop: list[str], inner):
     """Stops the loop once every row's text contains one of the stop strings."""
-    generated: list[list[int]] = [[] for _ in range(B)]
-    hit = [False] * B
+    rows = [gen._answer_text(stop) for _ in range(B)]
 
     def callback(ids) -> bool:
         for b in range(B):
-            generated[b].append(int(ids[b]))
-            if not hit[b]:
-                hit[b] = any(s in gen._decode(generated[b]) for s in stop)
+            rows[b].add(int(ids[b]))
         stop_now = bool(inner(ids)) if inner else False
-        return stop_now or all(hit)
+        return stop_now or all(r.stopped for r in rows)
 
     return callback
 

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from anyio import to_thread
 
 from ..batching import FinishEvent, QueueFull, RequestTooLarge, TokenEvent
-from ..generator import cut_at_stops
+from ..detokenize import AnswerText
 from ..sampling import SamplingParams
 from .errors import APIError, bad_request
 from .media import MediaError, MediaLimits, load_image
@@ -39,13 +39,11 @@ class Choice:
 
     def __init__(self, index: int, service: "Service", prepared: Prepared, started: float):
         self.index, self.service, self.prepared, self.started = index, service, prepared, started
-        self.ids: list[int] = []
-        self.text = ""
+        self.answer = AnswerText(service.processor.decode, service.stop_ids, prepared.stops)
         self.sent = 0  # characters of text already streamed
         self.logprobs: list[Logprob] = []
         self.sent_logprobs = 0
         self.handle = None
-        self.stopped_by_string = False
         self.finish: FinishEvent | None = None
         self.last_token_at: float | None = None
 
@@ -60,21 +58,27 @@ class Choice:
                               first=self.last_token_at is None)
         self.last_token_at = now
 
+    @property
+    def text(self) -> str:
+        """The answer so far (whole characters), cut at the first stop string."""
+        return self.answer.text
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.answer.stopped
+
     def on_token(self, ev: TokenEvent) -> None:
-        if self.stopped_by_string or self.finish is not None:
+        if self.answer.stopped or self.answer.ended or self.finish is not None:
             return  # tokens the engine made before it saw the cancel
-        if ev.token_id in self.service.stop_ids:
-            return
-        self.ids.append(ev.token_id)
-        if self.prepared.logprobs is not None and ev.logprob is not None:
+        if self.prepared.logprobs is not None and ev.logprob is not None and ev.token_id not in self.service.stop_ids:
             top = list(ev.top_logprobs or [])[: self.prepared.logprobs]
             self.logprobs.append(Logprob(ev.token_id, float(ev.logprob), [(int(i), float(lp)) for i, lp in top]))
-        self.text, self.stopped_by_string = cut_at_stops(self.service.decode(self.ids), self.prepared.stops)
-        if self.stopped_by_string and self.handle is not None:
+        if self.answer.add(ev.token_id) and self.answer.stopped and self.handle is not None:
             self.handle.cancel()
 
     def on_finish(self, ev: FinishEvent) -> None:
         self.finish = ev
+        self.answer.finish()  # the whole answer decoded once: exactly what a one-shot decode gives
 
     @property
     def finish_reason(self) -> str | None:
@@ -85,15 +89,13 @@ class Choice:
         return self.finish.reason
 
     def pending_text(self, final: bool) -> str:
-        """Text not yet streamed, holding back an incomplete UTF-8 character and anything that may begin a stop
-        string, until the end."""
+        """Text not yet streamed, holding back anything that may begin a stop string until the end (an incomplete
+        UTF-8 character never reaches self.text before the end: TextStream)."""
         end = len(self.text)
         if not final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
             for s in self.prepared.stops:
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[:end].endswith(s[:k]):
+                    if self.text.endswith(s[:k], 0, end):
                         end -= k
                         break
         piece = self.text[self.sent:max(end, self.sent)]
@@ -148,9 +150,6 @@ class Service:
         self.processor = text_side.processor
         self.stop_ids = set(text_side.stop_ids)
         self.context = text_side.cfg.text.max_position_embeddings
-
-    def decode(self, ids: list[int]) -> str:
-        return self.gen._decode(ids)
 
     # ---- requests -> Prepared ------------------------------------------------------------------------------
     async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
