@@ -146,7 +146,8 @@ PYBIND11_MODULE(_C, m) {
       .def("add",
            [](llama_mm::Scheduler& s, int64_t id, const at::Tensor& ids, const std::optional<at::Tensor>& image_kv,
               const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& rows, int64_t max_new_tokens,
-              const llama_mm::SamplingParams& sp, std::vector<int64_t> stop_ids, int64_t logprobs) {
+              const llama_mm::SamplingParams& sp, std::vector<int64_t> stop_ids, int64_t logprobs,
+              bool image_kv_shared) {
              llama_mm::BatchRequest r;
              r.id = id;
              r.input_ids = ids;
@@ -157,13 +158,14 @@ PYBIND11_MODULE(_C, m) {
              r.sampling = sp;
              r.stop_ids = std::move(stop_ids);
              r.logprobs = logprobs;
+             r.image_kv_shared = image_kv_shared;
              s.add(std::move(r));
            },
            "Queue a request: input_ids [T] int64; image_kv [L, 2, 1, Hkv, S, D] (Engine.image_kv), cross_mask "
-           "[1, 1, T, S], row_mask [1, T, 1] or None", py::arg("id"), py::arg("input_ids"), py::arg("image_kv"),
-           py::arg("cross_mask"),
-           py::arg("row_mask"), py::arg("max_new_tokens"), py::arg("params"), py::arg("stop_ids"),
-           py::arg("logprobs"))
+           "[1, 1, T, S], row_mask [1, T, 1] or None; image_kv_shared: image_kv is also held elsewhere (the image "
+           "cache), so the decode rows read their keys in place", py::arg("id"), py::arg("input_ids"),
+           py::arg("image_kv"), py::arg("cross_mask"), py::arg("row_mask"), py::arg("max_new_tokens"),
+           py::arg("params"), py::arg("stop_ids"), py::arg("logprobs"), py::arg("image_kv_shared") = false)
       .def("cancel", [](llama_mm::Scheduler& s, int64_t id) { return events_to_python(s.cancel(id)); },
            py::arg("id"))
       .def("abort_all",

@@ -136,21 +136,30 @@ WIDE_CASES = {  # decode rows attend keys [0, 65) of 260; [0, 325) of 520; all 2
 }
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["own-kv", "cached-kv"])
 @pytest.mark.parametrize("case", list(WIDE_CASES))
-def test_masked_image_keys_cut_after_the_prompt(wide_setup, case):
+def test_masked_image_keys_cut_after_the_prompt(wide_setup, case, cached):
     """After the prompt, decode rows keep only the image keys up to the last one they attend (rounded up to 64):
     tokens still equal transformers' and the single-request engine's (which cuts the same way), and the cut keys'
-    charge returns to the KV budget while the request decodes."""
+    charge returns to the KV budget while the request decodes. With the image cache the requests read the kept keys
+    of the cache's own K/V in place (strided views, no copy), which stay as they were."""
     ref, model = wide_setup
     inputs = random_inputs(ref, seq=10, seed=5, **WIDE_CASES[case])
     n = 12
-    engine = BatchEngine(model, prefill_chunk=4)
+    engine = BatchEngine(model, prefill_chunk=4, image_cache_mb=64 if cached else 0)
     try:
         got = submit(engine, dict(inputs=inputs, n=n), Collector(engine)).wait()
         decoding = []
         submit(engine, dict(inputs=inputs, n=4), Collector(on_token=lambda c: decoding.append(engine.stats()))).wait()
+        entries = [v.clone() for _, v in engine.image_cache._entries.values()]
+        again = submit(engine, dict(inputs=inputs, n=n)).wait()
+        assert [torch.equal(a, v) for a, (_, v) in zip(entries, engine.image_cache._entries.values())] == \
+            [True] * len(entries)
+        # two images: one entry each, the request gets their concatenation (its own K/V, copied at the cut)
+        assert len(entries) == (0 if not cached else 2 if case == "two-images" else 1)
     finally:
         engine.close()
+    assert again.tokens == got.tokens
     assert got.tokens == hf_greedy(ref, inputs, n)
     assert got.tokens == Engine(model).run(inputs, n)[0].tolist()
     keys = {"one-tile": 128, "two-images": 384, "four-tiles": 260}[case]  # decode keys after the cut

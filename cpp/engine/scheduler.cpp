@@ -209,7 +209,7 @@ at::Tensor Scheduler::prefill_chunk(Sequence& s, int64_t n) {
   s.req.row_mask = at::Tensor();
   if (s.image) {
     // the decode rows' image keys only: the charge for the keys cut goes back to the budget
-    cut_masked_cross_keys(s.step_cross_mask, s.cross_k, s.cross_v, w_->dtype());
+    cut_masked_cross_keys(s.step_cross_mask, s.cross_k, s.cross_v, w_->dtype(), /*copy=*/!s.req.image_kv_shared);
     s.image_tokens = s.step_cross_mask.size(1);
     const int64_t image_blocks = cache_.blocks_for(0, s.image_tokens);
     cache_.uncharge_image(s.image_blocks - image_blocks);

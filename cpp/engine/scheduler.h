@@ -40,6 +40,7 @@ struct BatchRequest {
   int64_t id = 0;
   at::Tensor input_ids;                          // [T] int64
   at::Tensor image_kv;             // [L, 2, 1, Hkv, S, D] (TextWeights::image_kv, read in place); undefined: text only
+  bool image_kv_shared = false;    // image_kv is also held elsewhere (the image cache): see cut_masked_cross_keys
   at::Tensor cross_mask, row_mask;  // [1, 1, T, S], [1, T, 1] with an image
   int64_t max_new_tokens = 0;
   SamplingParams sampling;

@@ -107,7 +107,7 @@ void TextWeights::split_image_kv(const at::Tensor& kv, std::vector<at::Tensor>& 
 }
 
 void cut_masked_cross_keys(at::Tensor& step_mask, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v,
-                           at::ScalarType model_dtype) {
+                           at::ScalarType model_dtype, bool copy) {
   TORCH_CHECK(step_mask.dim() == 2 && step_mask.scalar_type() == at::kFloat,
               "cut_masked_cross_keys: step_mask must be [B, S] float32, got ", step_mask.sizes(), " ",
               step_mask.scalar_type());
@@ -122,8 +122,12 @@ void cut_masked_cross_keys(at::Tensor& step_mask, std::vector<at::Tensor>& k, st
     if (!k[i].defined()) continue;
     TORCH_CHECK(k[i].size(2) == S && v[i].size(2) == S, "cut_masked_cross_keys: layer ", i, " K/V hold ",
                 k[i].size(2), " keys, the mask ", S);
-    k[i] = k[i].narrow(2, 0, keep).contiguous();  // (B, Hkv, keep, D), a copy: the cut keys' memory is freed
-    v[i] = v[i].narrow(2, 0, keep).contiguous();
+    k[i] = k[i].narrow(2, 0, keep);  // (B, Hkv, keep, D)
+    v[i] = v[i].narrow(2, 0, keep);
+    if (copy) {  // the cut keys' memory is freed with the views of the uncut K/V
+      k[i] = k[i].contiguous();
+      v[i] = v[i].contiguous();
+    }
   }
 }
 

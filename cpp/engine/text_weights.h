@@ -59,13 +59,15 @@ struct TextWeights {
 
 // Decode rows of image requests attend the image keys their cross-attention mask lets through. Trailing keys that
 // every row masks out (the padding tiles of an image with fewer tiles than max_num_tiles: 3 of 4 for a 1-tile image)
-// add exact zeros to the softmax sums, so they are cut from the per-layer K/V (which are copied, freeing the rest)
-// and from the mask. The cut falls on a multiple of kDecodeKeyAlign keys, so the attention kernels' key blocks stay
-// where they were and every result stays bit for bit. step_mask [B, S] float32 holds 0 or the lowest value of the
-// model dtype (masked); k, v per layer [B, Hkv, S, D] (undefined for self-attention layers). Nothing is cut when no
-// key is attended (the rows then attend uniformly over all keys).
+// add exact zeros to the softmax sums, so they are cut from the per-layer K/V and from the mask. With `copy` the kept
+// keys are copied, freeing the rest with the uncut tensors; without (the K/V are also held elsewhere, e.g. by the
+// image cache, so a copy would free nothing) they are read in place through strided views. The cut falls on a
+// multiple of kDecodeKeyAlign keys, so the attention kernels' key blocks stay where they were and every result stays
+// bit for bit. step_mask [B, S] float32 holds 0 or the lowest value of the model dtype (masked); k, v per layer
+// [B, Hkv, S, D] (undefined for self-attention layers). Nothing is cut when no key is attended (the rows then attend
+// uniformly over all keys).
 constexpr int64_t kDecodeKeyAlign = 64;
 void cut_masked_cross_keys(at::Tensor& step_mask, std::vector<at::Tensor>& k, std::vector<at::Tensor>& v,
-                           at::ScalarType model_dtype);
+                           at::ScalarType model_dtype, bool copy = true);
 
 }  // namespace llama_mm

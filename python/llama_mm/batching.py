@@ -143,7 +143,10 @@ class BatchEngine:
         if max_new_tokens is None:
             max_new_tokens = max(1, self.max_new_tokens_fitting(ids.numel(), image_tokens))  # 0: refused below
         self._check_fits(ids.numel(), max_new_tokens, image_tokens)
-        args = (ids, kv, cross, rows, max_new_tokens, to_native(params), stop_ids, logprobs)
+        # the image cache's own K/V (one image, cached): once the prompt is in, the request reads the keys it attends in
+        # place instead of copying them (a copy would free nothing while the cache holds them)
+        shared = kv is not None and self.image_cache.holds(kv)
+        args = (ids, kv, cross, rows, max_new_tokens, to_native(params), stop_ids, logprobs, shared)
         with self._cond:
             if self._closing:
                 raise RuntimeError("BatchEngine is closed")

@@ -71,6 +71,11 @@ class ImageCache:
             self.hits += 1
             return entry
 
+    def holds(self, value: torch.Tensor) -> bool:
+        """Whether `value` itself (not a copy) is an entry: who reads it must not expect to own its memory."""
+        with self._lock:
+            return any(v is value for _, v in self._entries.values())
+
     def put(self, key: bytes, kind: str, value: torch.Tensor) -> bool:
         """Stores (kind, value) under key, evicting the least recently used; False if larger than the budget."""
         if kind not in (KV, STATES):
