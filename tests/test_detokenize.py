@@ -108,5 +108,6 @@ def test_find_stop_looks_only_at_new_text():
     assert find_stop("abc STOP def", 5, ["STOP"]) == 4  # ends after 5: found
     assert find_stop("abc STOP def", 9, ["STOP"]) == -1  # ended before the new text
     # as cut_at_stops: a later stop string is looked for before the earlier one's cut
-    assert find_stop("one two three", 0, ["three", "two"]) == len(cut_at_stops("one two three", ["three", "two"])[0]) == 4
+    text = "one two three"
+    assert find_stop(text, 0, ["three", "two"]) == len(cut_at_stops(text, ["three", "two"])[0]) == 4
     assert find_stop("one two three", 0, ["two", "three"]) == 4

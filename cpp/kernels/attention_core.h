@@ -245,7 +245,8 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 // is read once for the 4 heads and the 4 * C accumulators of a column chunk stay in registers. 16-bit values take
 // C = 2 (8 accumulators, the 2 widened vectors and a broadcast p fit AVX2's 16 registers, where 4 spilled; with
 // scores_4heads, cross-attention over bfloat16 keys 1.2-1.3x faster than 4 and the widened block copy), float32
-// C = 4 (the rows are FMA operands in memory; 2 measured 3% slower). Each lane's sum runs over j in order, as in weighted_sum.
+// C = 4 (the rows are FMA operands in memory; 2 measured 3% slower). Each lane's sum runs over j in order, as in
+// weighted_sum.
 template <typename T>
 constexpr int kSumChunk = std::is_same_v<T, float> ? 4 : 2;
 

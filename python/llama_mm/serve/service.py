@@ -70,10 +70,13 @@ class Choice:
     def on_token(self, ev: TokenEvent) -> None:
         if self.answer.stopped or self.answer.ended or self.finish is not None:
             return  # tokens the engine made before it saw the cancel
-        if self.prepared.logprobs is not None and ev.logprob is not None and ev.token_id not in self.service.stop_ids:
+        grew = self.answer.add(ev.token_id)
+        if self.answer.ended:
+            return  # a stop id: not part of the answer
+        if self.prepared.logprobs is not None and ev.logprob is not None:
             top = list(ev.top_logprobs or [])[: self.prepared.logprobs]
             self.logprobs.append(Logprob(ev.token_id, float(ev.logprob), [(int(i), float(lp)) for i, lp in top]))
-        if self.answer.add(ev.token_id) and self.answer.stopped and self.handle is not None:
+        if grew and self.answer.stopped and self.handle is not None:
             self.handle.cancel()
 
     def on_finish(self, ev: FinishEvent) -> None:
